@@ -84,7 +84,7 @@ def make_train_set(users: np.ndarray, sequences: Sequence[np.ndarray], max_len: 
   """Builds the training rows of all users with at least ``MIN_ITEMS`` items."""
   keep = usable(sequences)
   inputs, targets = [], []
-  for seq, ok in zip(sequences, keep):
+  for seq, ok in zip(sequences, keep, strict=False):
     if ok:
       x, y = train_example(seq, max_len)
       inputs.append(x)
@@ -96,15 +96,15 @@ def make_eval_set(users: np.ndarray, sequences: Sequence[np.ndarray], stage: str
   """Builds the evaluation set of ``stage`` for all users with at least ``MIN_ITEMS`` items."""
   keep = usable(sequences)
   windows, answers, histories = [], [], []
-  for seq, ok in zip(sequences, keep):
+  for seq, ok in zip(sequences, keep, strict=False):
     if ok:
       w, a, h = eval_example(seq, stage, max_len)
       windows.append(w)
       answers.append(a)
       histories.append(h)
   return EvalSet(
-      users=np.asarray(users)[keep].astype(np.int32),
-      windows=windows,
-      answers=np.asarray(answers, dtype=np.int32),
-      histories=histories,
+    users=np.asarray(users)[keep].astype(np.int32),
+    windows=windows,
+    answers=np.asarray(answers, dtype=np.int32),
+    histories=histories,
   )

@@ -1,0 +1,214 @@
+"""Benchmark: useful target tokens per second of the pre-training step at the reference configuration.
+
+Reference configuration (RecGPT's own run): hidden 256, 1 layer, 2 heads, FFN 512, flow attention,
+max length 50, about 256 users per batch, BCE with one random negative, dropout 0.5 / 0.1, Adam 1e-3.
+The reference PyTorch code does about 200 non-padding target tokens/s on this 2-core machine.
+
+Variants differ only in the batch layout: ``padded`` is the reference's layout (one user per row, 256
+rows of 50, left unpacked), the others pack several users per row. Variants run interleaved in rounds so
+that machine noise hits all of them alike; compilation and the first steps are excluded.
+
+  python experiments/bench_pretrain.py [--steps_per_round=5 --rounds=6]
+
+Writes experiments/results/bench_pretrain.json and bench_pretrain.md.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from recgpt_jax.config import base_config
+from recgpt_jax.data import io, pipeline, split, tfds_builder
+from recgpt_jax.model.transformer import ModelConfig, RecGPT
+from recgpt_jax.train import loop, optim
+from recgpt_jax.train import step as step_lib
+
+REFERENCE_TOKENS_PER_S = 200.0  # the authors' PyTorch code, this machine (recgpt-reference.md)
+USERS_PER_BATCH = 256
+
+_STEPS = flags.DEFINE_integer("steps_per_round", 5, "Timed steps per variant per round.")
+_ROUNDS = flags.DEFINE_integer("rounds", 6, "Interleaved rounds.")
+_DATASET = flags.DEFINE_string("dataset", "Beauty", "Bundled dataset.")
+_OUT = flags.DEFINE_string("out", "experiments/results", "Where to write bench_pretrain.{json,md}.")
+
+# (name, row_len, rows_per_batch, packed): rows chosen so that a batch holds about 256 Beauty users.
+VARIANTS = (
+  ("padded 256x50 (reference layout)", 50, 256, False),
+  ("packed rows of 50", 50, 30, True),
+  ("packed rows of 64", 64, 24, True),
+  ("packed rows of 128", 128, 12, True),
+)
+
+
+def padded_batches(data, max_len: int, num_batches: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+  """The reference layout: 256 random users per batch, one per row, padded to ``max_len``."""
+  train = split.make_train_set(data.users, data.sequences, max_len)
+  order = np.random.default_rng(seed).permutation(len(train.users))
+  batches = []
+  for b in range(num_batches):
+    batch = {k: np.zeros((USERS_PER_BATCH, max_len), np.int32) for k in (*step_lib.MODEL_INPUTS, "targets")}
+    for r, u in enumerate(order[b * USERS_PER_BATCH : (b + 1) * USERS_PER_BATCH]):
+      n = len(train.inputs[u])
+      batch["items"][r, :n] = train.inputs[u]
+      batch["targets"][r, :n] = train.targets[u]
+      batch["positions"][r, :n] = np.arange(n)
+      batch["seq_ids"][r, :n] = 1
+      batch["users"][r, :n] = train.users[u]
+    batches.append(batch)
+  return batches
+
+
+def main(argv):
+  del argv
+  cfg = base_config()
+  cfg.optimizer.learning_rate = 1e-3
+  data = io.load_dataset(_DATASET.value)
+  source = tfds_builder.data_source(data.source)[0]
+  model_cfg = ModelConfig(
+    num_items=data.num_items,
+    num_users=data.num_users,
+    max_len=50,
+    hidden=256,
+    num_layers=1,
+    num_heads=2,
+    ffn=512,
+    attention="flow",
+    norm="post",
+    attn_dropout=0.5,
+    hidden_dropout=0.1,
+    user_module=True,
+  )
+  loss_cfg = step_lib.LossConfig(kind="bce")
+  mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  num_batches = 6
+  runs = []
+  for name, row_len, rows, packed in VARIANTS:
+    if packed:
+      it = pipeline.TrainInput(
+        source, max_len=50, row_len=row_len, rows_per_batch=rows, seed=0
+      ).epoch_iterator(0)
+      batches = [next(it) for _ in range(num_batches)]
+    else:
+      batches = padded_batches(data, 50, num_batches)
+    tx = optim.make_optimizer(cfg.optimizer, 1000)
+    graphdef, state = step_lib.init_state(RecGPT(model_cfg, rngs=nnx.Rngs(0)), tx, 0)
+    step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, loss_cfg), state, mesh)
+    batches = [jax.device_put(b) for b in batches]
+    t0 = time.perf_counter()
+    state, _ = step(state, batches[0])
+    jax.block_until_ready(state)
+    compile_s = time.perf_counter() - t0
+    for b in batches[1:3]:  # warm-up
+      state, _ = step(state, b)
+    jax.block_until_ready(state)
+    users = [int(sum(len(np.unique(r[r > 0])) for r in np.asarray(b["seq_ids"]))) for b in batches]
+    tokens = [int(np.sum(np.asarray(b["targets"]) > 0)) for b in batches]
+    positions = batches[0]["targets"].size
+    runs.append(
+      dict(
+        name=name,
+        row_len=row_len,
+        rows=rows if packed else USERS_PER_BATCH,
+        step=step,
+        state=state,
+        batches=batches,
+        users=users,
+        tokens=tokens,
+        positions=positions,
+        compile_s=compile_s,
+        times=[],
+        step_tokens=[],
+      )
+    )
+    print(f"{name}: compiled in {compile_s:.1f}s", flush=True)
+
+  for r in range(_ROUNDS.value):
+    for run in runs:
+      for i in range(_STEPS.value):
+        b = (r * _STEPS.value + i) % num_batches
+        t0 = time.perf_counter()
+        run["state"], out = run["step"](run["state"], run["batches"][b])
+        jax.block_until_ready(out)
+        run["times"].append(time.perf_counter() - t0)
+        run["step_tokens"].append(run["tokens"][b])
+    print(f"round {r + 1}/{_ROUNDS.value} done", flush=True)
+
+  results = []
+  for run in runs:
+    rates = [t / s for t, s in zip(run["step_tokens"], run["times"], strict=False)]
+    tok_s = sum(run["step_tokens"]) / sum(run["times"])
+    results.append(
+      {
+        "variant": run["name"],
+        "row_len": run["row_len"],
+        "rows_per_batch": run["rows"],
+        "users_per_batch_mean": round(statistics.mean(run["users"]), 1),
+        "real_fraction": round(sum(run["tokens"]) / (run["positions"] * len(run["tokens"])), 4),
+        "step_s_median": statistics.median(run["times"]),
+        "step_s_min": min(run["times"]),
+        "step_s_max": max(run["times"]),
+        "tokens_per_s": tok_s,
+        "tokens_per_s_median_step": statistics.median(rates),
+        "users_per_s": statistics.mean(run["users"]) / statistics.median(run["times"]),
+        "speedup_vs_reference": tok_s / REFERENCE_TOKENS_PER_S,
+        "compile_s": run["compile_s"],
+        "timed_steps": len(run["times"]),
+      }
+    )
+  record = {
+    "benchmark": "pretrain_step",
+    "command": "python " + " ".join(sys.argv),
+    "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    "machine": loop.machine_description(),
+    "git_commit": loop.git_commit(),
+    "jax_version": jax.__version__,
+    "config": {
+      "dataset": data.source,
+      "hidden": 256,
+      "layers": 1,
+      "heads": 2,
+      "ffn": 512,
+      "attention": "flow",
+      "max_len": 50,
+      "loss": "bce (1 negative)",
+      "dropout": [0.5, 0.1],
+      "users_per_batch": "~256",
+    },
+    "reference_tokens_per_s": REFERENCE_TOKENS_PER_S,
+    "results": results,
+  }
+  out = pathlib.Path(_OUT.value)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "bench_pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
+  lines = [
+    "# Pre-training step, reference configuration (Beauty)",
+    "",
+    f"`{record['command']}` on {record['date']}, {record['machine']}, jax {jax.__version__},"
+    f" commit {record['git_commit']}.",
+    "",
+    "| layout | rows x len | users/batch | real positions | step (median, min-max) | target tokens/s"
+    " | vs reference (200 tok/s) |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for r in results:
+    lines.append(
+      f"| {r['variant']} | {r['rows_per_batch']}x{r['row_len']} | {r['users_per_batch_mean']}"
+      f" | {r['real_fraction']:.1%} "
+      f"| {r['step_s_median'] * 1e3:.0f} ms ({r['step_s_min'] * 1e3:.0f}-{r['step_s_max'] * 1e3:.0f}) "
+      f"| {r['tokens_per_s']:,.0f} | {r['speedup_vs_reference']:.0f}x |"
+    )
+  (out / "bench_pretrain.md").write_text("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,95 @@
+"""Config schema: every field a run reads, with its default and meaning.
+
+Experiment files in ``experiments/configs/`` start from :func:`base_config` and override fields; any
+field can also be set on the command line with ``--config.<field>=<value>``. Fields not defined here are
+rejected, so a typo fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from recgpt_jax.errors import ConfigError
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The documented defaults (a small, fast model; see experiments/configs for real runs)."""
+  c = ml_collections.ConfigDict()
+  c.name = "run"  # run name, used for the results file name
+  c.dataset = "Beauty"  # bundled dataset name (Beauty, Sports_and_Outdoors, Toys_and_Games, Yelp) or a path
+  c.data_format = "auto"  # 'auto', 'text' (RecGPT format) or 'interactions' (CSV/TSV user,item,timestamp)
+  c.k_core = 0  # k-core filter applied to an interaction log (0 = off)
+  c.max_len = 50  # model window: histories are cut to their last max_len items
+  c.seed = 0  # parameter init, data order, dropout and negative sampling all derive from it
+
+  c.model = ml_collections.ConfigDict()
+  c.model.hidden = 64  # hidden size
+  c.model.num_layers = 2  # transformer blocks
+  c.model.num_heads = 2  # attention heads
+  c.model.ffn = 256  # feed-forward inner size (GELU)
+  c.model.attention = "softmax"  # 'softmax' or 'flow' (causal Flow-Attention, as in the reference code)
+  c.model.norm = "post"  # 'post' (reference: LN after each residual) or 'pre'
+  c.model.attn_dropout = 0.5  # dropout on attention weights
+  c.model.hidden_dropout = 0.5  # dropout on embeddings and residual branches
+  c.model.user_module = True  # add a learned per-user vector at every position
+  c.model.untied_head = False  # also build an untied hidden -> items linear head
+
+  c.train = ml_collections.ConfigDict()
+  c.train.loss = "ce"  # 'ce' (full softmax), 'bce' (reference: one random negative), 'sampled_softmax'
+  c.train.num_negatives = 256  # negatives per batch for sampled_softmax
+  c.train.head = "tied"  # head used by the loss: 'tied' (item table) or 'untied'
+  c.train.num_epochs = 20  # passes over the training users
+  c.train.max_steps = 0  # stop after this many steps in total (0 = no limit)
+  c.train.row_len = 64  # length of a packed row (>= max_len); several users share a row
+  c.train.rows_per_batch = 32  # packed rows per step (about 256 Beauty users at row_len 64)
+  c.train.eval_every_epochs = 1  # validate (and maybe save the best model) every this many epochs
+  c.train.checkpoint_every_steps = (
+    200  # save a resumable checkpoint every this many steps (and each epoch end)
+  )
+  c.train.keep_checkpoints = 2  # resumable checkpoints kept on disk
+  c.train.patience = 0  # early stop after this many validations without improvement (0 = off)
+  c.train.log_every_steps = 20  # JSONL / TensorBoard logging interval
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 1e-3  # peak learning rate
+  c.optimizer.schedule = "constant"  # 'constant', 'cosine', 'warmup_cosine' or 'linear'
+  c.optimizer.warmup_steps = 0  # linear warm-up steps
+  c.optimizer.b1 = 0.9  # Adam beta1
+  c.optimizer.b2 = 0.999  # Adam beta2
+  c.optimizer.eps = 1e-8  # Adam epsilon
+  c.optimizer.weight_decay = 0.0  # decoupled weight decay on weight matrices (not embeddings/biases/LN)
+  c.optimizer.clip_norm = 0.0  # clip gradients to this global norm (0 = off)
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.users_per_batch = 1024  # users scored per evaluation step
+  c.eval.rows_per_batch = 256  # packed rows per evaluation step (row length = train.row_len)
+  c.eval.metric = "NDCG@10"  # validation metric used to select the best model
+
+  c.results_dir = ""  # if set, also write <results_dir>/<name>.json (e.g. experiments/results)
+  c.tfds_data_dir = ""  # where the TFDS builder writes (default ~/.cache/recgpt_jax/tfds)
+  return c
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError (one line) for values no run could use."""
+
+  def need(cond: bool, msg: str):
+    if not cond:
+      raise ConfigError(msg)
+
+  need(c.max_len >= 1, f"max_len must be >= 1, got {c.max_len}")
+  need(c.train.row_len >= c.max_len, f"train.row_len ({c.train.row_len}) must be >= max_len ({c.max_len})")
+  need(c.train.rows_per_batch >= 1, f"train.rows_per_batch must be >= 1, got {c.train.rows_per_batch}")
+  need(c.train.num_epochs >= 1, f"train.num_epochs must be >= 1, got {c.train.num_epochs}")
+  need(c.train.checkpoint_every_steps >= 1, "train.checkpoint_every_steps must be >= 1")
+  need(c.train.eval_every_epochs >= 1, "train.eval_every_epochs must be >= 1")
+  need(
+    c.train.loss in ("ce", "bce", "sampled_softmax"),
+    f"train.loss must be ce, bce or sampled_softmax, got {c.train.loss!r}",
+  )
+  need(c.train.head in ("tied", "untied"), f"train.head must be 'tied' or 'untied', got {c.train.head!r}")
+  need(c.train.head == "tied" or c.model.untied_head, "train.head='untied' needs model.untied_head=True")
+  need(c.optimizer.learning_rate > 0, f"optimizer.learning_rate must be > 0, got {c.optimizer.learning_rate}")
+  need(c.eval.users_per_batch >= 1 and c.eval.rows_per_batch >= 1, "eval batch sizes must be >= 1")
+  metrics = tuple(f"{m}@{k}" for m in ("HR", "NDCG") for k in (5, 10, 20))
+  need(c.eval.metric in metrics, f"eval.metric must be one of {metrics}, got {c.eval.metric!r}")

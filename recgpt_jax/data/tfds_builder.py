@@ -1,0 +1,156 @@
+"""TFDS builder for the bundled sequence datasets, stored as ArrayRecord for random access.
+
+One record per user: ``{'user': int64 scalar, 'items': int64 [n]}`` with the user's *full* item sequence
+in time order, in one split ``full`` (TFDS reserves the name ``all``). The leave-one-out split is applied
+later by the input pipeline, so a single build serves training and evaluation.
+
+The builder is offline: it reads the bundled ``recgpt_jax/data/bundled/<name>.txt.gz`` files through
+``recgpt_jax.data.io.load_dataset``. It is written with ``file_format='array_record'`` and read with
+``as_data_source()``, which (unlike ``as_dataset``/``tfds.load``) works without TensorFlow installed.
+User-supplied files do not go through TFDS; wrap their sequences in ``InMemorySource`` instead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from recgpt_jax import errors
+
+# Canonical names of the bundled datasets, as accepted by ``recgpt_jax.data.io.load_dataset``.
+BUNDLED = ("Beauty", "Sports_and_Outdoors", "Toys_and_Games", "Yelp")
+
+DEFAULT_DATA_DIR = os.path.join("~", ".cache", "recgpt_jax", "tfds")
+
+# TFDS reserves the split name `all`, so the single split holding every user is called `full`.
+SPLIT = "full"
+
+
+def canonical_name(dataset_name: str) -> str:
+  """Maps a case-insensitive bundled dataset name to its canonical spelling.
+
+  Args:
+    dataset_name: e.g. ``'beauty'`` or ``'Toys_and_Games'``.
+
+  Returns:
+    The canonical name, e.g. ``'Beauty'``.
+
+  Raises:
+    errors.DataError: if the name is not one of the bundled datasets.
+  """
+  by_lower = {name.lower(): name for name in BUNDLED}
+  name = by_lower.get(str(dataset_name).strip().lower())
+  if name is None:
+    raise errors.DataError(
+      f"TFDS build supports only the bundled datasets {', '.join(BUNDLED)}; got {dataset_name!r}"
+      " (wrap user-supplied sequences in recgpt_jax.data.tfds_builder.InMemorySource)"
+    )
+  return name
+
+
+class RecSequencesConfig(tfds.core.BuilderConfig):
+  """One config per bundled dataset; ``dataset`` is the canonical bundled name."""
+
+  def __init__(self, *, dataset: str, **kwargs: Any):
+    super().__init__(name=dataset.lower(), description=f"Bundled {dataset} item sequences.", **kwargs)
+    self.dataset = dataset
+
+
+def _load_sequences(dataset: str) -> tuple[np.ndarray, list[np.ndarray]]:
+  """Returns ``(users [U], sequences)`` of a bundled dataset (kept separate so tests can stub it)."""
+  from recgpt_jax.data import io  # Lazy: only needed when building.
+
+  data = io.load_dataset(dataset)
+  return np.asarray(data.users), list(data.sequences)
+
+
+class RecSequences(tfds.core.GeneratorBasedBuilder):
+  """Full per-user item sequences of the bundled datasets (single split ``full``)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  BUILDER_CONFIGS = [RecSequencesConfig(dataset=name) for name in BUNDLED]
+  # TFDS 4.9.10 derives ``code_path`` through ``importlib_resources``, which it does not declare as a
+  # dependency on Python >= 3.9 (tensorflow/datasets#11212); pinning it here avoids that import.
+  code_path = epath.Path(__file__)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description="Per-user item sequences (time order) for sequential recommendation.",
+      features=tfds.features.FeaturesDict(
+        {
+          "user": tfds.features.Scalar(dtype=np.int64),
+          "items": tfds.features.Tensor(shape=(None,), dtype=np.int64),
+        }
+      ),
+      supervised_keys=None,
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
+    del dl_manager  # Offline: everything comes from the bundled files.
+    return {SPLIT: self._generate_examples()}
+
+  def _generate_examples(self) -> Iterator[tuple[int, dict[str, Any]]]:
+    users, sequences = _load_sequences(self.builder_config.dataset)
+    for user, items in zip(users, sequences, strict=True):
+      yield int(user), {"user": int(user), "items": np.asarray(items, dtype=np.int64)}
+
+
+def data_source(
+  dataset_name: str, data_dir: str | os.PathLike | None = None
+) -> tuple[Sequence[dict[str, Any]], tfds.core.DatasetInfo]:
+  """Builds a bundled dataset once into ``data_dir`` and returns its random-access source.
+
+  Args:
+    dataset_name: a bundled dataset name (case-insensitive), see ``BUNDLED``.
+    data_dir: TFDS data directory; defaults to ``~/.cache/recgpt_jax/tfds``.
+
+  Returns:
+    ``(source, info)``: ``source[i]`` is ``{'user': int64, 'items': int64 [n]}`` for ``0 <= i < len(source)``
+    (records in build order, not necessarily file order); ``info`` is the TFDS ``DatasetInfo``.
+
+  Raises:
+    errors.DataError: if ``dataset_name`` is not a bundled dataset.
+  """
+  name = canonical_name(dataset_name)
+  data_dir = os.path.expanduser(os.fspath(data_dir if data_dir is not None else DEFAULT_DATA_DIR))
+  builder = RecSequences(config=name.lower(), data_dir=data_dir, file_format="array_record")
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(
+      try_download_gcs=False,
+      compute_stats=tfds.download.ComputeStatsMode.SKIP,
+    )
+  )
+  return builder.as_data_source(split=SPLIT), builder.info
+
+
+class InMemorySource:
+  """Random-access source over in-memory sequences, with the same records as the TFDS source.
+
+  Args:
+    users: ``[U]`` user ids.
+    sequences: one int array of item ids per user (time order).
+  """
+
+  def __init__(self, users: Sequence[int] | np.ndarray, sequences: Sequence[np.ndarray]):
+    if len(users) != len(sequences):
+      raise errors.DataError(f"{len(users)} users but {len(sequences)} sequences")
+    self._users = np.asarray(users, dtype=np.int64)
+    self._sequences = [np.asarray(s, dtype=np.int64) for s in sequences]
+
+  @classmethod
+  def from_data(cls, data: Any) -> InMemorySource:
+    """Wraps anything with ``users`` and ``sequences`` attributes (e.g. ``io.SequenceData``)."""
+    return cls(data.users, data.sequences)
+
+  def __len__(self) -> int:
+    return len(self._sequences)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return {"user": self._users[index], "items": self._sequences[index]}

@@ -1,0 +1,81 @@
+"""Full-ranking evaluation: HR@K and NDCG@K with the user's history excluded, top-k on device.
+
+One held-out answer per user, so HR@K equals Recall@K. An answer that is itself in the history (a repeat
+interaction) is excluded with the history and therefore counts as a miss, as in the reference protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+KS = (5, 10, 20)
+METRIC_NAMES = tuple(f"{m}@{k}" for m in ("HR", "NDCG") for k in KS)
+
+
+def exclude_items(scores_uv: jax.Array, exclude_uh: jax.Array) -> jax.Array:
+  """Sets the scores of padding (column 0) and of each user's excluded items (0-padded) to the minimum."""
+  low = jnp.finfo(scores_uv.dtype).min
+  rows = jnp.arange(scores_uv.shape[0])[:, None]
+  return scores_uv.at[rows, exclude_uh].set(low).at[:, 0].set(low)
+
+
+def ranking_metrics(
+  scores_uv: jax.Array, answer_u: jax.Array, exclude_uh: jax.Array, ks: Sequence[int] = KS
+) -> dict[str, jax.Array]:
+  """Per-user HR@k and NDCG@k.
+
+  Args:
+    scores_uv: ``[users, num_items + 1]`` scores; column = item id.
+    answer_u: ``[users]`` held-out item of each user.
+    exclude_uh: ``[users, H]`` item ids to exclude from the ranking (0 = none).
+    ks: cut-offs.
+
+  Returns:
+    Dict ``'HR@k'`` / ``'NDCG@k'`` -> ``[users]`` float32 values.
+  """
+  scores_uv = exclude_items(scores_uv, exclude_uh)
+  _, top_uk = jax.lax.top_k(scores_uv, max(ks))
+  is_answer = top_uk == answer_u[:, None]
+  found = jnp.any(is_answer, axis=-1)
+  rank = jnp.argmax(is_answer, axis=-1)  # 0-based rank of the answer when found
+  out = {}
+  for k in ks:
+    hit = found & (rank < k)
+    out[f"HR@{k}"] = hit.astype(jnp.float32)
+    out[f"NDCG@{k}"] = jnp.where(hit, 1.0 / jnp.log2(rank + 2.0), 0.0)
+  return out
+
+
+def make_eval_step(graphdef: nnx.GraphDef, ks: Sequence[int] = KS, head: str = "tied"):
+  """Returns a jitted ``(params, batch) -> sums`` of each metric over the batch's real users."""
+
+  @jax.jit
+  def eval_step(params, batch):
+    model = nnx.merge(graphdef, params)
+    hidden = model(batch["items"], batch["positions"], batch["segments"], batch["seq_ids"], batch["users"])
+    user_hidden = hidden[batch["last_row"], batch["last_col"]]  # [users, hidden]
+    per_user = ranking_metrics(model.logits(user_hidden, head), batch["answer"], batch["history"], ks)
+    real = (batch["answer"] > 0).astype(jnp.float32)
+    sums = {name: jnp.sum(v * real) for name, v in per_user.items()}
+    sums["users"] = jnp.sum(real)
+    return sums
+
+  return eval_step
+
+
+def evaluate(eval_step, params, batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
+  """Averages each metric over all users of ``batches``; accumulates on device, one host sync."""
+  total = None
+  for batch in batches:
+    sums = eval_step(params, batch)
+    total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+  if total is None:
+    raise ValueError("no evaluation batches")
+  total = jax.device_get(total)
+  users = float(total.pop("users"))
+  return {name: float(v) / users for name, v in total.items()} | {"users": int(users)}

@@ -1,0 +1,74 @@
+"""Command-line entry point.
+
+  python -m recgpt_jax.main --config=experiments/configs/default.py --workdir=runs/default [--mode=pretrain]
+
+Any config field can be overridden with ``--config.<field>=<value>``. Modes: ``pretrain`` trains (resuming
+from the workdir's checkpoint if present) and then evaluates the best model; ``evaluate`` only evaluates
+the workdir's model. User errors (bad data, config or flags) are reported as one line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from recgpt_jax.errors import UserError
+
+MODES = ("pretrain", "evaluate")
+
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Path to a config file with get_config().", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, metrics and results.")
+_MODE = flags.DEFINE_enum("mode", "pretrain", MODES, "What to do.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.WARNING)
+  from recgpt_jax.train import loop  # heavy imports after flag parsing, so --help is fast
+
+  try:
+    config = _CONFIG.value
+  except Exception as e:  # noqa: BLE001 (any failure to load the user's config file is a user error)
+    print(f"error: cannot load --config: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+    sys.exit(2)
+  if config is None:
+    print("error: cannot load --config (the file did not give a config)", file=sys.stderr)
+    sys.exit(2)
+  try:
+    if _MODE.value == "pretrain":
+      loop.train_and_evaluate(config, _WORKDIR.value)
+    else:
+      loop.evaluate_only(config, _WORKDIR.value)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
+  except KeyboardInterrupt:
+    print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+    sys.exit(130)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """Parses flags; any bad flag, config file or config field is one line on stderr and exit code 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+  except (AttributeError, KeyError, TypeError, ValueError, OSError, SyntaxError) as e:
+    # ml_collections raises these for an unknown --config.<field> or an unloadable config file.
+    message = f"bad --config: {str(e).strip(chr(34)).strip(chr(39))}"
+  print(f"error: {message.splitlines()[0] if message else 'bad flags'} (see --helpshort)", file=sys.stderr)
+  sys.exit(2)
+
+
+def run() -> None:
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,328 @@
+"""Pre-training and evaluation runs: the outer loop around the jitted step.
+
+Resume order (as in big_vision): the workdir's own latest checkpoint if there is one, else a fresh start.
+The loop is exact on resume: the input pipeline's position, the step (from which every dropout and
+negative-sampling key is folded) and the best-so-far metric are all part of the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pathlib
+import platform
+import subprocess
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from recgpt_jax import config as config_lib
+from recgpt_jax.data import io, packing, pipeline, split, tfds_builder
+from recgpt_jax.errors import ConfigError, UserError
+from recgpt_jax.eval import metrics as metrics_lib
+from recgpt_jax.model.transformer import ModelConfig, RecGPT
+from recgpt_jax.train import optim
+from recgpt_jax.train import step as step_lib
+from recgpt_jax.train.checkpoint import RunCheckpoints
+
+MODES = ("pretrain", "evaluate")
+# Config fields that must match for a workdir to be resumed or evaluated.
+_COMPAT_FIELDS = ("dataset", "max_len", "model")
+
+
+class TrainingDiverged(UserError):
+  """The loss became NaN or infinite."""
+
+  exit_code = 3
+
+
+def _atomic_write(path: pathlib.Path, text: str) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def machine_description() -> str:
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+  except OSError:
+    pass
+  return f"{cpu}, {os.cpu_count()} cores, {jax.devices()[0].platform} x{jax.device_count()}"
+
+
+def git_commit() -> str:
+  try:
+    root = pathlib.Path(__file__).resolve().parents[2]
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
+    return out.stdout.strip() + ("+dirty" if dirty.strip() else "")
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+class Run:
+  """Everything built from a config: data, model, optimizer, step functions, checkpoints."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path):
+    config_lib.validate(config)
+    self.config = config
+    self.workdir = pathlib.Path(workdir)
+    self._check_workdir_compatible()
+
+    c = config
+    self.data = io.load_dataset(c.dataset, format=c.data_format, **({"k_core": c.k_core} if c.k_core else {}))
+    if not np.any(split.usable(self.data.sequences)):
+      raise UserError(
+        f"{self.data.source}: no user has the {split.MIN_ITEMS} items the leave-one-out split needs"
+      )
+    if self.data.source in io.BUNDLED:
+      source = tfds_builder.data_source(c.dataset, c.tfds_data_dir or None)[0]
+    else:
+      source = tfds_builder.InMemorySource(self.data.users, self.data.sequences)
+    self.train_input = pipeline.TrainInput(
+      source, max_len=c.max_len, row_len=c.train.row_len, rows_per_batch=c.train.rows_per_batch, seed=c.seed
+    )
+    self.eval_batches = {}
+    for stage in split.STAGES:
+      eval_set = split.make_eval_set(self.data.users, self.data.sequences, stage, c.max_len)
+      self.eval_batches[stage] = packing.pack_eval_batches(
+        eval_set,
+        row_len=c.train.row_len,
+        rows_per_batch=c.eval.rows_per_batch,
+        users_per_batch=c.eval.users_per_batch,
+      )
+
+    try:
+      self.model_cfg = ModelConfig(
+        num_items=self.data.num_items, num_users=self.data.num_users, max_len=c.max_len, **c.model
+      )
+      self.loss_cfg = step_lib.LossConfig(
+        kind=c.train.loss, num_negatives=c.train.num_negatives, head=c.train.head
+      )
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    model = RecGPT(self.model_cfg, rngs=nnx.Rngs(c.seed))
+    self.steps_per_epoch = self.train_input.steps_per_epoch(0)
+    # Fraction of the positions the train step computes that hold a real token (the rest is padding).
+    self.packing_fraction = self.train_input.num_tokens / (
+      self.steps_per_epoch * c.train.rows_per_batch * c.train.row_len
+    )
+    self.total_steps = self.steps_per_epoch * c.train.num_epochs
+    if c.train.max_steps:
+      self.total_steps = min(self.total_steps, c.train.max_steps)
+    self.tx = optim.make_optimizer(c.optimizer, self.total_steps)
+    self.graphdef, self.state = step_lib.init_state(model, self.tx, c.seed)
+    self.mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    step_fn = step_lib.make_train_step(self.graphdef, self.tx, self.loss_cfg)
+    self.state = jax.device_put(
+      self.state, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    )
+    self.train_step = step_lib.jit_train_step(step_fn, self.state, self.mesh)
+    self.eval_step = metrics_lib.make_eval_step(self.graphdef, head="tied")
+    self.ckpt = RunCheckpoints(self.workdir, keep=c.train.keep_checkpoints)
+
+  def _check_workdir_compatible(self) -> None:
+    saved = self.workdir / "config.json"
+    if not saved.exists():
+      return
+    try:
+      old = json.loads(saved.read_text())
+    except (OSError, json.JSONDecodeError):
+      return
+    new = json.loads(self.config.to_json())
+    for field in _COMPAT_FIELDS:
+      if old.get(field) != new.get(field):
+        raise ConfigError(
+          f"workdir {self.workdir} holds a run with a different {field!r} "
+          f"({old.get(field)!r} != {new.get(field)!r}); use a new --workdir"
+        )
+
+  def evaluate(self, params, stage: str) -> dict[str, float]:
+    return metrics_lib.evaluate(self.eval_step, params, self.eval_batches[stage])
+
+
+class MetricsLog:
+  """JSONL metrics log plus TensorBoard event files in the workdir."""
+
+  def __init__(self, workdir: pathlib.Path):
+    from tensorboardX import SummaryWriter  # imported lazily: it is slow to import
+
+    self.jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
+    self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+  def write(self, step: int, values: dict[str, Any]) -> None:
+    self.jsonl.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+    self.jsonl.flush()
+    for k, v in values.items():
+      if isinstance(v, (int, float)) and math.isfinite(v):
+        self.tb.add_scalar(k, v, step)
+
+  def close(self) -> None:
+    self.jsonl.close()
+    self.tb.close()
+
+
+def _progress(total: int, desc: str):
+  from tqdm import tqdm
+
+  return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=False, mininterval=1.0)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Pre-trains (resuming from the workdir if it holds a checkpoint), then reports valid/test metrics.
+
+  Returns:
+    The results record (also written to ``<workdir>/results.json``).
+  """
+  t_start = time.time()
+  run = Run(config, workdir)
+  c = config
+  wd = run.workdir
+  wd.mkdir(parents=True, exist_ok=True)
+  _atomic_write(wd / "config.json", c.to_json(indent=2))
+  log = MetricsLog(wd)
+
+  meta = {"epoch": 0, "iterator": None, "best": None, "bad_evals": 0, "history": []}
+  state = run.state
+  if run.ckpt.latest_step() is not None:
+    state, meta = run.ckpt.restore(state)
+    logging.info("resumed from step %d (epoch %d)", int(state.step), meta["epoch"])
+    print(f"Resuming {wd} from step {int(state.step)}, epoch {meta['epoch'] + 1}.", flush=True)
+  print(
+    f"{run.data.source}: {len(run.data.users)} users, {run.data.num_items} items, "
+    f"{run.train_input.num_tokens} train tokens/epoch, ~{run.steps_per_epoch} steps/epoch, "
+    f"packing {run.packing_fraction:.1%} real positions",
+    flush=True,
+  )
+
+  step = int(jax.device_get(state.step))
+  stop = False
+  metric = c.eval.metric
+  while meta["epoch"] < c.train.num_epochs and not stop:
+    epoch = meta["epoch"]
+    it = run.train_input.epoch_iterator(epoch)
+    if meta["iterator"] is not None:
+      it.set_state(meta["iterator"])
+    bar = _progress(run.steps_per_epoch, f"epoch {epoch + 1}/{c.train.num_epochs}")
+    pending = None  # metrics of the previous step, read one step late so the host never waits
+    window_tokens, window_t0 = 0, time.time()
+    for batch in it:
+      if c.train.max_steps and step >= c.train.max_steps:
+        stop = True
+        break
+      state, out = run.train_step(state, batch)
+      step += 1
+      if pending is not None:
+        _report(pending, log, bar, window_tokens / max(time.time() - window_t0, 1e-9), c)
+      pending = (step, out)
+      window_tokens += int(np.sum(batch["targets"] > 0))
+      bar.update(1)
+      if step % c.train.checkpoint_every_steps == 0:
+        run.ckpt.save(state, {**meta, "iterator": it.get_state()})
+    bar.close()
+    if pending is not None:
+      _report(pending, log, bar, window_tokens / max(time.time() - window_t0, 1e-9), c)
+    if stop:
+      break
+    meta = {**meta, "epoch": epoch + 1, "iterator": None}
+    epoch_tok_s = window_tokens / max(time.time() - window_t0, 1e-9)
+    line = f"epoch {epoch + 1}: loss {float(pending[1]['loss']):.4f}, {epoch_tok_s:,.0f} tokens/s"
+    if (epoch + 1) % c.train.eval_every_epochs == 0 or epoch + 1 == c.train.num_epochs:
+      valid = run.evaluate(state.params, "valid")
+      log.write(step, {f"valid/{k}": v for k, v in valid.items()} | {"epoch": epoch + 1})
+      line += f", valid HR@10 {valid['HR@10']:.4f} NDCG@10 {valid['NDCG@10']:.4f}"
+      meta["history"] = meta["history"] + [{"epoch": epoch + 1, "step": step, **valid}]
+      if meta["best"] is None or valid[metric] > meta["best"][metric]:
+        meta["best"] = {"epoch": epoch + 1, "step": step, **valid}
+        meta["bad_evals"] = 0
+        run.ckpt.save_best(step, state.params, meta["best"])
+        line += " (best)"
+      else:
+        meta["bad_evals"] += 1
+        if c.train.patience and meta["bad_evals"] >= c.train.patience:
+          line += f"; early stop: no {metric} gain in {c.train.patience} validations"
+          stop = True
+    print(line, flush=True)
+    run.ckpt.save(state, meta)
+  run.ckpt.wait()
+  log.close()
+  train_time = time.time() - t_start
+  return _final_report(run, state, c, wd, train_time)
+
+
+def _report(pending, log: MetricsLog, bar, tokens_per_s: float, c) -> None:
+  step, out = pending
+  loss = float(out["loss"])
+  if not math.isfinite(loss):
+    raise TrainingDiverged(
+      f"loss is {loss} at step {step}; lower optimizer.learning_rate or set optimizer.clip_norm"
+    )
+  bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+  if step % c.train.log_every_steps == 0:
+    log.write(
+      step,
+      {"train/loss": loss, "train/grad_norm": float(out["grad_norm"]), "train/tokens_per_s": tokens_per_s},
+    )
+
+
+def _final_report(run: Run, state, c, wd: pathlib.Path, wall_time: float | None, command: str | None = None):
+  """Evaluates the best model (or the last one if none was selected) on valid and test; writes results."""
+  params = state.params
+  best_meta = None
+  if run.ckpt.has_best():
+    params, best_meta = run.ckpt.restore_best(state.params)
+  valid = run.evaluate(params, "valid")
+  test = run.evaluate(params, "test")
+  record = {
+    "name": c.name,
+    "dataset": run.data.source,
+    "recipe": {"stage": "pretrain", "config": json.loads(c.to_json())},
+    "command": command
+    or os.environ.get("RECGPT_COMMAND", " ".join(["python", "-m", "recgpt_jax.main", *_argv()])),
+    "git_commit": git_commit(),
+    "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    "machine": machine_description(),
+    "wall_time_s": None if wall_time is None else round(wall_time, 1),
+    "epochs": None if best_meta is None else best_meta.get("epoch"),
+    "best_step": None if best_meta is None else best_meta.get("step"),
+    "valid": {k: valid[k] for k in metrics_lib.METRIC_NAMES},
+    "test": {k: test[k] for k in metrics_lib.METRIC_NAMES},
+    "test_users": test["users"],
+  }
+  text = json.dumps(record, indent=2) + "\n"
+  _atomic_write(wd / "results.json", text)
+  if c.results_dir:
+    _atomic_write(pathlib.Path(c.results_dir) / f"{c.name}.json", text)
+  print(_format_metrics("valid", valid))
+  print(_format_metrics("test", test))
+  return record
+
+
+def _format_metrics(stage: str, m: dict[str, float]) -> str:
+  return f"{stage:5s} " + "  ".join(f"{k} {m[k]:.4f}" for k in metrics_lib.METRIC_NAMES)
+
+
+def _argv() -> list[str]:
+  import sys
+
+  return sys.argv[1:]
+
+
+def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Evaluates the workdir's best (else latest) model on valid and test without training."""
+  run = Run(config, workdir)
+  if not run.ckpt.has_best() and run.ckpt.latest_step() is None:
+    raise UserError(f"no checkpoint in {run.workdir}; run --mode=pretrain first")
+  state = run.state
+  if run.ckpt.latest_step() is not None:
+    state, _ = run.ckpt.restore(state)
+  return _final_report(run, state, config, run.workdir, None)
