@@ -93,9 +93,7 @@ def main(argv):
   runs = []
   for name, row_len, rows, packed in VARIANTS:
     if packed:
-      it = pipeline.TrainInput(
-        source, max_len=50, row_len=row_len, rows_per_batch=rows, seed=0
-      ).epoch_iterator(0)
+      it = pipeline.TrainInput(source, max_len=50, row_len=row_len, rows_per_batch=rows, seed=0).epoch_iterator(0)
       batches = [next(it) for _ in range(num_batches)]
     else:
       batches = padded_batches(data, 50, num_batches)

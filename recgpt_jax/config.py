@@ -43,9 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.row_len = 64  # length of a packed row (>= max_len); several users share a row
   c.train.rows_per_batch = 32  # packed rows per step (about 256 Beauty users at row_len 64)
   c.train.eval_every_epochs = 1  # validate (and maybe save the best model) every this many epochs
-  c.train.checkpoint_every_steps = (
-    200  # save a resumable checkpoint every this many steps (and each epoch end)
-  )
+  c.train.checkpoint_every_steps = 200  # save a resumable checkpoint every this many steps (and each epoch end)
   c.train.keep_checkpoints = 2  # resumable checkpoints kept on disk
   c.train.patience = 0  # early stop after this many validations without improvement (0 = off)
   c.train.log_every_steps = 20  # JSONL / TensorBoard logging interval

@@ -18,9 +18,7 @@ from recgpt_jax.errors import UserError
 
 MODES = ("pretrain", "evaluate")
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Path to a config file with get_config().", lock_config=True
-)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, metrics and results.")
 _MODE = flags.DEFINE_enum("mode", "pretrain", MODES, "What to do.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -34,11 +32,10 @@ def main(argv: list[str]) -> None:
 
   try:
     config = _CONFIG.value
+    config.name  # noqa: B018 (a config that failed to load raises on first access)
   except Exception as e:  # noqa: BLE001 (any failure to load the user's config file is a user error)
-    print(f"error: cannot load --config: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
-    sys.exit(2)
-  if config is None:
-    print("error: cannot load --config (the file did not give a config)", file=sys.stderr)
+    detail = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    print(f"error: cannot load --config: {detail[-1] if detail else type(e).__name__}", file=sys.stderr)
     sys.exit(2)
   try:
     if _MODE.value == "pretrain":

@@ -9,9 +9,7 @@ import numpy as np
 from recgpt_jax.config import base_config
 
 
-def write_cyclic_dataset(
-  path: pathlib.Path, num_users: int = 120, num_items: int = 30, seed: int = 0
-) -> pathlib.Path:
+def write_cyclic_dataset(path: pathlib.Path, num_users: int = 120, num_items: int = 30, seed: int = 0) -> pathlib.Path:
   """Writes a RecGPT text file where every user walks the catalogue in steps of +1 (mod num_items).
 
   The next item is a deterministic function of the last one, so a model that learns anything ranks the

@@ -178,9 +178,7 @@ def bundled_path(name: str) -> pathlib.Path:
   """
   canonical = _ALIASES.get(name.lower())
   if canonical is None:
-    raise DataError(
-      f"unknown dataset {name!r}; bundled datasets: {', '.join(BUNDLED)} (or pass a path to a file)"
-    )
+    raise DataError(f"unknown dataset {name!r}; bundled datasets: {', '.join(BUNDLED)} (or pass a path to a file)")
   return _BUNDLED_DIR / BUNDLED[canonical]
 
 
@@ -318,9 +316,7 @@ def _column_index(header: list[str], column: str, role: str, path: str, lineno: 
   """Returns the position of ``column`` in the header, or raises a DataError listing the columns."""
   if column not in header:
     columns = ", ".join(repr(c) for c in header)
-    raise DataError(
-      _one_line(f"{path}:{lineno}: no {role} column {column!r} in the header (columns: {columns})")
-    )
+    raise DataError(_one_line(f"{path}:{lineno}: no {role} column {column!r} in the header (columns: {columns})"))
   return header.index(column)
 
 
@@ -493,9 +489,7 @@ def _guess_format(path: str) -> str:
   )
 
 
-def load_dataset(
-  name_or_path: str | os.PathLike, *, format: str = "auto", **interaction_kwargs
-) -> SequenceData:
+def load_dataset(name_or_path: str | os.PathLike, *, format: str = "auto", **interaction_kwargs) -> SequenceData:
   """Loads a bundled dataset by name or a file by path.
 
   Args:
@@ -514,9 +508,7 @@ def load_dataset(
   canonical = _ALIASES.get(name.lower())
   if canonical is not None:
     if format == "interactions" or interaction_kwargs:
-      raise ConfigError(
-        f"bundled dataset {canonical} is in the text format; interaction options do not apply"
-      )
+      raise ConfigError(f"bundled dataset {canonical} is in the text format; interaction options do not apply")
     data = read_sequences(bundled_path(canonical))
     return dataclasses.replace(data, source=canonical)
   if not os.path.exists(name) and os.sep not in name and "." not in name:

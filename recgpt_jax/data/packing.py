@@ -79,9 +79,7 @@ def first_fit(
       f" users_per_batch={users_per_batch}"
     )
   if lengths.size and (lengths.min() < 1 or lengths.max() > row_len):
-    raise errors.ConfigError(
-      f"sequence lengths must be in 1..row_len={row_len}; got {lengths.min()}..{lengths.max()}"
-    )
+    raise errors.ConfigError(f"sequence lengths must be in 1..row_len={row_len}; got {lengths.min()}..{lengths.max()}")
   cap = users_per_batch if users_per_batch is not None else np.iinfo(np.int64).max
   n = len(lengths)
   batch = np.empty(n, dtype=np.int32)

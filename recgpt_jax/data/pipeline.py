@@ -118,9 +118,7 @@ class EpochIterator(Iterator[dict[str, np.ndarray]]):
   def set_state(self, state: dict[str, Any]) -> None:
     """Restores a position from ``get_state`` of an iterator of the same epoch and configuration."""
     if state.get("pipeline") != self._fingerprint:
-      raise errors.ConfigError(
-        f"input state of {state.get('pipeline')} cannot resume the pipeline {self._fingerprint}"
-      )
+      raise errors.ConfigError(f"input state of {state.get('pipeline')} cannot resume the pipeline {self._fingerprint}")
     self._iterator.set_state(state["grain"])
 
   def close(self) -> None:
@@ -186,6 +184,7 @@ class TrainInput:
       "row_len": self.row_len,
       "rows_per_batch": self.rows_per_batch,
       "num_users": self.num_users,
+      "num_workers": self.num_workers,  # The Grain state layout differs with worker processes.
     }
 
   def _plan(self, epoch: int) -> tuple[np.ndarray, packing.Placement]:
@@ -194,9 +193,7 @@ class TrainInput:
       raise errors.ConfigError(f"epoch must be non-negative, got {epoch}")
     if self._last_plan is None or self._last_plan[0] != epoch:
       order = np.random.default_rng([self.seed, epoch]).permutation(self.num_users)  # [N]
-      place = packing.first_fit(
-        self._lengths[order], row_len=self.row_len, rows_per_batch=self.rows_per_batch
-      )
+      place = packing.first_fit(self._lengths[order], row_len=self.row_len, rows_per_batch=self.rows_per_batch)
       self._last_plan = (epoch, order, place)
     return self._last_plan[1], self._last_plan[2]
 

@@ -5,7 +5,8 @@ in time order, in one split ``full`` (TFDS reserves the name ``all``). The leave
 later by the input pipeline, so a single build serves training and evaluation.
 
 The builder is offline: it reads the bundled ``recgpt_jax/data/bundled/<name>.txt.gz`` files through
-``recgpt_jax.data.io.load_dataset``. It is written with ``file_format='array_record'`` and read with
+``recgpt_jax.data.io.load_dataset``. A build is cached under ``data_dir/rec_sequences/<config>/<version>``;
+bump ``VERSION`` if the bundled files change. It is written with ``file_format='array_record'`` and read with
 ``as_data_source()``, which (unlike ``as_dataset``/``tfds.load``) works without TensorFlow installed.
 User-supplied files do not go through TFDS; wrap their sequences in ``InMemorySource`` instead.
 """
@@ -21,9 +22,10 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from recgpt_jax import errors
+from recgpt_jax.data import io
 
-# Canonical names of the bundled datasets, as accepted by ``recgpt_jax.data.io.load_dataset``.
-BUNDLED = ("Beauty", "Sports_and_Outdoors", "Toys_and_Games", "Yelp")
+# Canonical names of the bundled datasets.
+BUNDLED = tuple(io.BUNDLED)
 
 DEFAULT_DATA_DIR = os.path.join("~", ".cache", "recgpt_jax", "tfds")
 
@@ -32,25 +34,25 @@ SPLIT = "full"
 
 
 def canonical_name(dataset_name: str) -> str:
-  """Maps a case-insensitive bundled dataset name to its canonical spelling.
+  """Maps a bundled dataset name or alias (case-insensitive, as ``io.load_dataset``) to its canonical name.
 
   Args:
-    dataset_name: e.g. ``'beauty'`` or ``'Toys_and_Games'``.
+    dataset_name: e.g. ``'beauty'``, ``'toys'`` or ``'Toys_and_Games'``.
 
   Returns:
-    The canonical name, e.g. ``'Beauty'``.
+    The canonical name, e.g. ``'Toys_and_Games'``.
 
   Raises:
     errors.DataError: if the name is not one of the bundled datasets.
   """
-  by_lower = {name.lower(): name for name in BUNDLED}
-  name = by_lower.get(str(dataset_name).strip().lower())
-  if name is None:
+  try:
+    file_name = io.bundled_path(str(dataset_name)).name
+  except errors.DataError:
     raise errors.DataError(
       f"TFDS build supports only the bundled datasets {', '.join(BUNDLED)}; got {dataset_name!r}"
       " (wrap user-supplied sequences in recgpt_jax.data.tfds_builder.InMemorySource)"
-    )
-  return name
+    ) from None
+  return next(name for name, file in io.BUNDLED.items() if file == file_name)
 
 
 class RecSequencesConfig(tfds.core.BuilderConfig):
@@ -59,14 +61,6 @@ class RecSequencesConfig(tfds.core.BuilderConfig):
   def __init__(self, *, dataset: str, **kwargs: Any):
     super().__init__(name=dataset.lower(), description=f"Bundled {dataset} item sequences.", **kwargs)
     self.dataset = dataset
-
-
-def _load_sequences(dataset: str) -> tuple[np.ndarray, list[np.ndarray]]:
-  """Returns ``(users [U], sequences)`` of a bundled dataset (kept separate so tests can stub it)."""
-  from recgpt_jax.data import io  # Lazy: only needed when building.
-
-  data = io.load_dataset(dataset)
-  return np.asarray(data.users), list(data.sequences)
 
 
 class RecSequences(tfds.core.GeneratorBasedBuilder):
@@ -97,8 +91,8 @@ class RecSequences(tfds.core.GeneratorBasedBuilder):
     return {SPLIT: self._generate_examples()}
 
   def _generate_examples(self) -> Iterator[tuple[int, dict[str, Any]]]:
-    users, sequences = _load_sequences(self.builder_config.dataset)
-    for user, items in zip(users, sequences, strict=True):
+    data = io.load_dataset(self.builder_config.dataset)
+    for user, items in zip(data.users, data.sequences, strict=True):
       yield int(user), {"user": int(user), "items": np.asarray(items, dtype=np.int64)}
 
 

@@ -90,9 +90,7 @@ class RecGPT(nnx.Module):
     self.embed_norm = nnx.LayerNorm(cfg.hidden, epsilon=1e-12, rngs=rngs)
     self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.final_norm = nnx.LayerNorm(cfg.hidden, epsilon=1e-12, rngs=rngs) if cfg.norm == "pre" else None
-    self.head = (
-      nnx.Linear(cfg.hidden, cfg.num_items + 1, kernel_init=init, rngs=rngs) if cfg.untied_head else None
-    )
+    self.head = nnx.Linear(cfg.hidden, cfg.num_items + 1, kernel_init=init, rngs=rngs) if cfg.untied_head else None
 
   def __call__(
     self,

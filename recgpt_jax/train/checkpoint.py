@@ -44,9 +44,7 @@ class RunCheckpoints:
   def save(self, state: TrainState, meta: dict[str, Any]) -> None:
     """Saves the train state and the JSON ``meta`` at ``state.step`` (asynchronously)."""
     step = int(jax.device_get(state.step))
-    self.latest.save(
-      step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-    )
+    self.latest.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
   def restore(self, target: TrainState) -> tuple[TrainState, dict[str, Any]]:
     """Restores the latest checkpoint onto the structure and shardings of ``target``."""
@@ -58,9 +56,7 @@ class RunCheckpoints:
     return out.state, out.meta
 
   def save_best(self, step: int, params: dict, meta: dict[str, Any]) -> None:
-    self.best.save(
-      step, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta))
-    )
+    self.best.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
 
   def has_best(self) -> bool:
     return self.best.latest_step() is not None

@@ -81,9 +81,7 @@ class Run:
     c = config
     self.data = io.load_dataset(c.dataset, format=c.data_format, **({"k_core": c.k_core} if c.k_core else {}))
     if not np.any(split.usable(self.data.sequences)):
-      raise UserError(
-        f"{self.data.source}: no user has the {split.MIN_ITEMS} items the leave-one-out split needs"
-      )
+      raise UserError(f"{self.data.source}: no user has the {split.MIN_ITEMS} items the leave-one-out split needs")
     if self.data.source in io.BUNDLED:
       source = tfds_builder.data_source(c.dataset, c.tfds_data_dir or None)[0]
     else:
@@ -105,9 +103,7 @@ class Run:
       self.model_cfg = ModelConfig(
         num_items=self.data.num_items, num_users=self.data.num_users, max_len=c.max_len, **c.model
       )
-      self.loss_cfg = step_lib.LossConfig(
-        kind=c.train.loss, num_negatives=c.train.num_negatives, head=c.train.head
-      )
+      self.loss_cfg = step_lib.LossConfig(kind=c.train.loss, num_negatives=c.train.num_negatives, head=c.train.head)
     except ValueError as e:
       raise ConfigError(str(e)) from None
     model = RecGPT(self.model_cfg, rngs=nnx.Rngs(c.seed))
@@ -123,9 +119,7 @@ class Run:
     self.graphdef, self.state = step_lib.init_state(model, self.tx, c.seed)
     self.mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     step_fn = step_lib.make_train_step(self.graphdef, self.tx, self.loss_cfg)
-    self.state = jax.device_put(
-      self.state, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    )
+    self.state = jax.device_put(self.state, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
     self.train_step = step_lib.jit_train_step(step_fn, self.state, self.mesh)
     self.eval_step = metrics_lib.make_eval_step(self.graphdef, head="tied")
     self.ckpt = RunCheckpoints(self.workdir, keep=c.train.keep_checkpoints)
@@ -205,7 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   )
 
   step = int(jax.device_get(state.step))
-  stop = False
+  stop = bool(c.train.max_steps and step >= c.train.max_steps)
   metric = c.eval.metric
   while meta["epoch"] < c.train.num_epochs and not stop:
     epoch = meta["epoch"]
@@ -214,28 +208,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       it.set_state(meta["iterator"])
     bar = _progress(run.steps_per_epoch, f"epoch {epoch + 1}/{c.train.num_epochs}")
     pending = None  # metrics of the previous step, read one step late so the host never waits
+    last_loss = float("nan")
     window_tokens, window_t0 = 0, time.time()
     for batch in it:
-      if c.train.max_steps and step >= c.train.max_steps:
-        stop = True
-        break
       state, out = run.train_step(state, batch)
       step += 1
       if pending is not None:
-        _report(pending, log, bar, window_tokens / max(time.time() - window_t0, 1e-9), c)
+        last_loss = _report(pending, log, bar, window_tokens / max(time.time() - window_t0, 1e-9), c)
       pending = (step, out)
       window_tokens += int(np.sum(batch["targets"] > 0))
       bar.update(1)
       if step % c.train.checkpoint_every_steps == 0:
+        # Check this step's loss before saving it, so a diverged state is never checkpointed.
+        last_loss = _report(pending, log, bar, window_tokens / max(time.time() - window_t0, 1e-9), c)
+        pending = None
         run.ckpt.save(state, {**meta, "iterator": it.get_state()})
+      if c.train.max_steps and step >= c.train.max_steps:
+        stop = True
+        break
     bar.close()
     if pending is not None:
-      _report(pending, log, bar, window_tokens / max(time.time() - window_t0, 1e-9), c)
+      last_loss = _report(pending, log, bar, window_tokens / max(time.time() - window_t0, 1e-9), c)
     if stop:
+      if run.ckpt.latest_step() != step:
+        run.ckpt.save(state, {**meta, "iterator": it.get_state()})
+      print(f"stopped at train.max_steps={c.train.max_steps}", flush=True)
       break
     meta = {**meta, "epoch": epoch + 1, "iterator": None}
     epoch_tok_s = window_tokens / max(time.time() - window_t0, 1e-9)
-    line = f"epoch {epoch + 1}: loss {float(pending[1]['loss']):.4f}, {epoch_tok_s:,.0f} tokens/s"
+    line = f"epoch {epoch + 1}: loss {last_loss:.4f}, {epoch_tok_s:,.0f} tokens/s"
     if (epoch + 1) % c.train.eval_every_epochs == 0 or epoch + 1 == c.train.num_epochs:
       valid = run.evaluate(state.params, "valid")
       log.write(step, {f"valid/{k}": v for k, v in valid.items()} | {"epoch": epoch + 1})
@@ -259,19 +260,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return _final_report(run, state, c, wd, train_time)
 
 
-def _report(pending, log: MetricsLog, bar, tokens_per_s: float, c) -> None:
+def _report(pending, log: MetricsLog, bar, tokens_per_s: float, c) -> float:
+  """Reads a step's metrics (a host sync), aborts on divergence, logs; returns the loss."""
   step, out = pending
-  loss = float(out["loss"])
-  if not math.isfinite(loss):
+  loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
+  if not (math.isfinite(loss) and math.isfinite(grad_norm)):
     raise TrainingDiverged(
-      f"loss is {loss} at step {step}; lower optimizer.learning_rate or set optimizer.clip_norm"
+      f"loss {loss} / gradient norm {grad_norm} at step {step};"
+      " lower optimizer.learning_rate or set optimizer.clip_norm"
     )
   bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
   if step % c.train.log_every_steps == 0:
     log.write(
       step,
-      {"train/loss": loss, "train/grad_norm": float(out["grad_norm"]), "train/tokens_per_s": tokens_per_s},
+      {"train/loss": loss, "train/grad_norm": grad_norm, "train/tokens_per_s": tokens_per_s},
     )
+  return loss
 
 
 def _final_report(run: Run, state, c, wd: pathlib.Path, wall_time: float | None, command: str | None = None):
@@ -286,8 +290,7 @@ def _final_report(run: Run, state, c, wd: pathlib.Path, wall_time: float | None,
     "name": c.name,
     "dataset": run.data.source,
     "recipe": {"stage": "pretrain", "config": json.loads(c.to_json())},
-    "command": command
-    or os.environ.get("RECGPT_COMMAND", " ".join(["python", "-m", "recgpt_jax.main", *_argv()])),
+    "command": command or os.environ.get("RECGPT_COMMAND", " ".join(["python", "-m", "recgpt_jax.main", *_argv()])),
     "git_commit": git_commit(),
     "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     "machine": machine_description(),

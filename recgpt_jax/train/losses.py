@@ -39,9 +39,7 @@ def sample_negatives(
   big = num_items + 1
   same_user = seq_ids[:, :, None] == seq_ids[:, None, :]  # [r, i, j]
   owned = jnp.concatenate([items, targets], axis=-1)  # [r, 2l]
-  owned = jnp.where(
-    jnp.concatenate([same_user, same_user], axis=-1) & (owned[:, None, :] > 0), owned[:, None, :], big
-  )
+  owned = jnp.where(jnp.concatenate([same_user, same_user], axis=-1) & (owned[:, None, :] > 0), owned[:, None, :], big)
   owned = jnp.sort(owned, axis=-1)  # [r, i, 2l]
   dup = jnp.concatenate([jnp.zeros_like(owned[..., :1], bool), owned[..., 1:] == owned[..., :-1]], axis=-1)
   owned = jnp.sort(jnp.where(dup, big, owned), axis=-1)
@@ -53,9 +51,7 @@ def sample_negatives(
   return jnp.clip(u + 1 + skip, 1, num_items).astype(jnp.int32)
 
 
-def bce_loss(
-  hidden_rld: jax.Array, table_vd: jax.Array, targets: jax.Array, negatives: jax.Array
-) -> jax.Array:
+def bce_loss(hidden_rld: jax.Array, table_vd: jax.Array, targets: jax.Array, negatives: jax.Array) -> jax.Array:
   """Reference loss: ``-log sigmoid(s_pos) - log(1 - sigmoid(s_neg))`` with one negative per position."""
   pos = jnp.sum(hidden_rld * table_vd[targets], axis=-1)
   neg = jnp.sum(hidden_rld * table_vd[negatives], axis=-1)

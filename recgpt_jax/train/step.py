@@ -54,9 +54,7 @@ class LossConfig:
       raise ValueError(f"train.loss must be one of {losses.LOSSES}, got {self.kind!r}")
 
 
-def init_state(
-  model: nnx.Module, tx: optax.GradientTransformation, seed: int
-) -> tuple[nnx.GraphDef, TrainState]:
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> tuple[nnx.GraphDef, TrainState]:
   """Splits ``model`` into its graph definition and a fresh train state."""
   graphdef, state = nnx.split(model)
   params = nnx.to_pure_dict(state)

@@ -271,9 +271,7 @@ def test_log_via_load_dataset_gzipped(tmp_path):
 
 def test_log_explicit_sep_and_no_time_column(tmp_path):
   path = _write(tmp_path / "log.dat", "u;i\nb;x\na;y\nb;y\nb;x\n")
-  data = data_io.load_dataset(
-    str(path), format="interactions", user_col="u", item_col="i", time_col=None, sep=";"
-  )
+  data = data_io.load_dataset(str(path), format="interactions", user_col="u", item_col="i", time_col=None, sep=";")
   assert data.user_map == {"a": 1, "b": 2}
   assert data.item_map == {"x": 1, "y": 2}
   # File order within each user; the repeated (b, x) pair is kept.
@@ -349,9 +347,7 @@ def test_log_row_errors(tmp_path, content, lineno, fragment):
   assert "\n" not in message
 
 
-@pytest.mark.parametrize(
-  "content, fragment", [("", "no header"), ("user,item,timestamp\n", "no interactions")]
-)
+@pytest.mark.parametrize("content, fragment", [("", "no header"), ("user,item,timestamp\n", "no interactions")])
 def test_log_without_rows(tmp_path, content, fragment):
   path = _write(tmp_path / "log.csv", content)
   with pytest.raises(DataError, match=fragment):

@@ -31,9 +31,7 @@ def test_rank_boundaries_and_excluded_answer():
   np.testing.assert_array_equal(m["HR@5"], [1, 0, 0, 0])
   np.testing.assert_array_equal(m["HR@10"], [1, 1, 0, 0])
   np.testing.assert_array_equal(m["HR@20"], [1, 1, 1, 0])
-  np.testing.assert_allclose(
-    m["NDCG@20"], [1 / math.log2(6), 1 / math.log2(7), 1 / math.log2(21), 0], rtol=1e-6
-  )
+  np.testing.assert_allclose(m["NDCG@20"], [1 / math.log2(6), 1 / math.log2(7), 1 / math.log2(21), 0], rtol=1e-6)
 
 
 def test_padding_column_never_ranked():

@@ -29,10 +29,7 @@ def test_bce_matches_numpy():
   targets, negs = np.array([[2, 3, 0]]), np.array([[5, 1, 4]])
   got = float(losses.bce_loss(*map(jnp.asarray, (h, table, targets, negs))))
   sig = lambda x: 1 / (1 + np.exp(-x))
-  per = [
-    -np.log(sig(h[0, t] @ table[targets[0, t]])) - np.log(1 - sig(h[0, t] @ table[negs[0, t]]))
-    for t in (0, 1)
-  ]
+  per = [-np.log(sig(h[0, t] @ table[targets[0, t]])) - np.log(1 - sig(h[0, t] @ table[negs[0, t]])) for t in (0, 1)]
   np.testing.assert_allclose(got, np.mean(per), rtol=1e-5)
 
 

@@ -1,0 +1,152 @@
+"""The command line: a real run, and every bad-input case gives one line, a non-zero exit, no damage."""
+
+import hashlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import write_cyclic_dataset
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "experiments" / "configs" / "default.py"
+TINY = [
+  "--config.max_len=12",
+  "--config.model.hidden=16",
+  "--config.model.num_layers=1",
+  "--config.model.ffn=32",
+  "--config.train.num_epochs=2",
+  "--config.train.row_len=16",
+  "--config.train.rows_per_batch=8",
+  "--config.eval.rows_per_batch=48",
+  "--config.eval.users_per_batch=64",
+]
+
+
+def cli(*args, check_rc=None):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+    [sys.executable, "-m", "recgpt_jax.main", *map(str, args)], capture_output=True, text=True, env=env, cwd=ROOT
+  )
+  if check_rc is not None:
+    assert proc.returncode == check_rc, proc.stdout + proc.stderr
+  return proc
+
+
+def snapshot(directory: pathlib.Path) -> dict[str, str]:
+  return {
+    str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+    for p in sorted(directory.rglob("*"))
+    if p.is_file()
+  }
+
+
+def assert_one_line_error(proc, *fragments, rc=2):
+  assert proc.returncode == rc, proc.stdout + proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1, proc.stderr
+  assert "Traceback" not in proc.stderr
+  for f in fragments:
+    assert f in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A finished tiny run: (dataset path, workdir)."""
+  base = tmp_path_factory.mktemp("cli")
+  data = write_cyclic_dataset(base / "cyclic.txt")
+  workdir = base / "run"
+  proc = cli(f"--config={DEFAULT_CONFIG}", f"--workdir={workdir}", f"--config.dataset={data}", *TINY, check_rc=0)
+  assert "test  HR@5" in proc.stdout and "NDCG@20" in proc.stdout
+  return data, workdir
+
+
+def test_evaluate_mode_reproduces_results(trained):
+  data, workdir = trained
+  before = json.loads((workdir / "results.json").read_text())
+  proc = cli(f"--config={DEFAULT_CONFIG}", f"--workdir={workdir}", f"--config.dataset={data}", *TINY, "--mode=evaluate")
+  assert proc.returncode == 0, proc.stderr
+  after = json.loads((workdir / "results.json").read_text())
+  assert after["test"] == before["test"] and after["valid"] == before["valid"]
+  assert f"HR@10 {before['test']['HR@10']:.4f}" in next(ln for ln in proc.stdout.splitlines() if ln.startswith("test"))
+
+
+def test_evaluate_without_checkpoint(tmp_path):
+  data = write_cyclic_dataset(tmp_path / "d.txt")
+  proc = cli(
+    f"--config={DEFAULT_CONFIG}", f"--workdir={tmp_path / 'none'}", f"--config.dataset={data}", *TINY, "--mode=evaluate"
+  )
+  assert_one_line_error(proc, "no checkpoint")
+
+
+def test_malformed_data_line(tmp_path):
+  bad = tmp_path / "bad.txt"
+  bad.write_text("1 3 4 5 6\n2 7 x8 9 10\n")
+  proc = cli(f"--config={DEFAULT_CONFIG}", f"--workdir={tmp_path / 'run'}", f"--config.dataset={bad}", *TINY)
+  assert_one_line_error(proc, "bad.txt:2:", "x8")
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+  ("args", "fragments"),
+  [
+    (["--config.no_such_field=1"], ["no_such_field"]),
+    (["--config.model.hiden=32"], ["hiden"]),
+    (["--config.model.hidden=abc"], ["hidden"]),
+    (["--config.dataset=NoSuchSet"], ["unknown dataset", "NoSuchSet"]),
+    (["--mode=serve"], ["--mode", "serve"]),
+    (["--config.model.attention=linear"], ["attention", "linear"]),
+    (["--config.train.loss=hinge"], ["train.loss", "hinge"]),
+    (["--config.train.row_len=8"], ["row_len"]),
+    (["--config=experiments/configs/no_such_config.py"], ["config"]),
+  ],
+)
+def test_bad_flags_and_config(tmp_path, args, fragments):
+  proc = cli(f"--config={DEFAULT_CONFIG}", f"--workdir={tmp_path / 'run'}", *args)
+  assert_one_line_error(proc, *fragments)
+  assert not (tmp_path / "run").exists()
+
+
+def test_failed_runs_do_not_touch_a_finished_workdir(trained, tmp_path):
+  data, workdir = trained
+  before = snapshot(workdir)
+  # A different model in the same workdir.
+  proc = cli(
+    f"--config={DEFAULT_CONFIG}", f"--workdir={workdir}", f"--config.dataset={data}", *TINY, "--config.model.hidden=32"
+  )
+  assert_one_line_error(proc, "different", "model")
+  # The data file became corrupt since the run.
+  corrupt = tmp_path / "cyclic.txt"
+  corrupt.write_text(data.read_text() + "121 5 0 7\n")
+  proc = cli(f"--config={DEFAULT_CONFIG}", f"--workdir={workdir}", f"--config.dataset={corrupt}", *TINY)
+  assert_one_line_error(proc)  # the dataset path differs from the run's: refused before reading
+  proc = cli(
+    f"--config={DEFAULT_CONFIG}", f"--workdir={workdir}", f"--config.dataset={data}", *TINY, "--config.train.loss=x"
+  )
+  assert_one_line_error(proc, "train.loss")
+  assert snapshot(workdir) == before
+
+
+def test_corrupt_data_on_resume_leaves_workdir_intact(trained, tmp_path):
+  data, workdir = trained
+  copy = tmp_path / "run"
+  subprocess.run(["cp", "-r", str(workdir), str(copy)], check=True)
+  before = snapshot(copy)
+  original = data.read_text()
+  try:
+    data.write_text(original + "121 5 0 7\n")
+    proc = cli(f"--config={DEFAULT_CONFIG}", f"--workdir={copy}", f"--config.dataset={data}", *TINY)
+    assert_one_line_error(proc, "cyclic.txt:121:", "0")
+  finally:
+    data.write_text(original)
+  assert snapshot(copy) == before
+
+
+def test_empty_dataset(tmp_path):
+  empty = tmp_path / "empty.txt"
+  empty.write_text("\n")
+  proc = cli(f"--config={DEFAULT_CONFIG}", f"--workdir={tmp_path / 'run'}", f"--config.dataset={empty}", *TINY)
+  assert_one_line_error(proc, "empty.txt")
