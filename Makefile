@@ -22,6 +22,7 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check recgpt_jax tests experiments
+	$(BIN)/ruff format --check recgpt_jax tests experiments
 	$(BIN)/python -m pytest -q tests
 
 # Slow tests (real-data training); run by hand, not in CI.
