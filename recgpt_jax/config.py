@@ -76,6 +76,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
       raise ConfigError(msg)
 
   need(c.max_len >= 1, f"max_len must be >= 1, got {c.max_len}")
+  m = c.model
+  need(m.attention in ("softmax", "flow"), f"model.attention must be 'softmax' or 'flow', got {m.attention!r}")
+  need(m.norm in ("post", "pre"), f"model.norm must be 'post' or 'pre', got {m.norm!r}")
+  for name in ("hidden", "num_layers", "num_heads", "ffn"):
+    need(m[name] >= 1, f"model.{name} must be >= 1, got {m[name]}")
+  need(m.hidden % m.num_heads == 0, f"model.hidden ({m.hidden}) must be divisible by model.num_heads ({m.num_heads})")
+  for name in ("attn_dropout", "hidden_dropout"):
+    need(0.0 <= m[name] < 1.0, f"model.{name} must be in [0, 1), got {m[name]}")
   need(c.train.row_len >= c.max_len, f"train.row_len ({c.train.row_len}) must be >= max_len ({c.max_len})")
   need(c.train.rows_per_batch >= 1, f"train.rows_per_batch must be >= 1, got {c.train.rows_per_batch}")
   need(c.train.num_epochs >= 1, f"train.num_epochs must be >= 1, got {c.train.num_epochs}")

@@ -99,6 +99,8 @@ def test_malformed_data_line(tmp_path):
     (["--config.dataset=NoSuchSet"], ["unknown dataset", "NoSuchSet"]),
     (["--mode=serve"], ["--mode", "serve"]),
     (["--config.model.attention=linear"], ["attention", "linear"]),
+    (["--config.model.num_heads=3"], ["divisible"]),
+    (["--config.model.hidden_dropout=1.5"], ["hidden_dropout"]),
     (["--config.train.loss=hinge"], ["train.loss", "hinge"]),
     (["--config.train.row_len=8"], ["row_len"]),
     (["--config=experiments/configs/no_such_config.py"], ["config"]),

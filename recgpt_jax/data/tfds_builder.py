@@ -13,6 +13,9 @@ User-supplied files do not go through TFDS; wrap their sequences in ``InMemorySo
 
 from __future__ import annotations
 
+import contextlib
+import io as io_lib
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -114,13 +117,24 @@ def data_source(
   """
   name = canonical_name(dataset_name)
   data_dir = os.path.expanduser(os.fspath(data_dir if data_dir is not None else DEFAULT_DATA_DIR))
-  builder = RecSequences(config=name.lower(), data_dir=data_dir, file_format="array_record")
-  builder.download_and_prepare(
-    download_config=tfds.download.DownloadConfig(
-      try_download_gcs=False,
-      compute_stats=tfds.download.ComputeStatsMode.SKIP,
-    )
-  )
+  # TFDS's progress bars, banner and "no dataset_info.json yet" warnings would clutter every first run.
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    builder = RecSequences(config=name.lower(), data_dir=data_dir, file_format="array_record")
+    if not builder.is_prepared():
+      print(f"Building the TFDS dataset {name} into {data_dir} (once).", flush=True)
+      tfds.disable_progress_bar()
+      with contextlib.redirect_stdout(io_lib.StringIO()):
+        builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(
+            try_download_gcs=False,
+            compute_stats=tfds.download.ComputeStatsMode.SKIP,
+          )
+        )
+  finally:
+    absl_logger.setLevel(level)
   return builder.as_data_source(split=SPLIT), builder.info
 
 

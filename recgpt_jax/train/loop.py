@@ -183,6 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   wd = run.workdir
   wd.mkdir(parents=True, exist_ok=True)
   _atomic_write(wd / "config.json", c.to_json(indent=2))
+  run.data.save_id_maps(wd)  # raw <-> dense ids, when the data came from an interaction log
   log = MetricsLog(wd)
 
   meta = {"epoch": 0, "iterator": None, "best": None, "bad_evals": 0, "history": []}

@@ -98,3 +98,38 @@ def test_interrupted_run_resumes_exactly(dataset, tmp_path, monkeypatch):
   results_a = json.loads((tmp_path / "straight" / "results.json").read_text())
   results_b = json.loads((tmp_path / "resumed" / "results.json").read_text())
   assert results_a["test"] == results_b["test"] and results_a["valid"] == results_b["valid"]
+
+
+def test_interaction_log_run_saves_id_maps(dataset, tmp_path):
+  # The same cyclic data as an interaction log with raw string ids, rows shuffled (sorting is by time).
+  rows = []
+  for line in dataset.read_text().split("\n"):
+    if line:
+      user, *items = line.split()
+      rows += [(f"u{user}", f"item-{i}", t) for t, i in enumerate(items)]
+  order = np.random.default_rng(0).permutation(len(rows))
+  log = tmp_path / "log.csv"
+  log.write_text("user,item,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in (rows[k] for k in order)))
+  cfg = tiny_config(log, **{"train.num_epochs": 4})
+  record = loop.train_and_evaluate(cfg, str(tmp_path / "run"))
+  assert record["test"]["HR@10"] > 0.6, record["test"]
+  user_map = json.loads((tmp_path / "run" / "user_map.json").read_text())
+  item_map = json.loads((tmp_path / "run" / "item_map.json").read_text())
+  assert len(user_map) == 120 and len(item_map) == 30
+  assert sorted(item_map.values()) == list(range(1, 31))
+
+
+def test_divergence_aborts_with_clear_error(tmp_path):
+  log = loop.MetricsLog(tmp_path)
+
+  class Bar:
+    def set_postfix(self, **kwargs):
+      pass
+
+  cfg = tiny_config(tmp_path / "unused.txt")
+  with pytest.raises(loop.TrainingDiverged, match="step 7"):
+    loop._report((7, {"loss": np.float32("nan"), "grad_norm": np.float32(1.0)}), log, Bar(), 1.0, cfg)
+  with pytest.raises(loop.TrainingDiverged, match="gradient norm inf"):
+    loop._report((8, {"loss": np.float32(1.0), "grad_norm": np.float32("inf")}), log, Bar(), 1.0, cfg)
+  assert loop._report((9, {"loss": np.float32(2.5), "grad_norm": np.float32(1.0)}), log, Bar(), 1.0, cfg) == 2.5
+  log.close()
