@@ -43,32 +43,22 @@ class RunCheckpoints:
 
   def save(self, state: TrainState, meta: dict[str, Any]) -> None:
     """Saves the train state and the JSON ``meta`` at ``state.step`` (asynchronously)."""
-    step = int(jax.device_get(state.step))
-    self.latest.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    _save(self.latest, int(jax.device_get(state.step)), "state", state, meta)
 
   def restore(self, target: TrainState) -> tuple[TrainState, dict[str, Any]]:
     """Restores the latest checkpoint onto the structure and shardings of ``target``."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    out = self.latest.restore(
-      self.latest.latest_step(),
-      args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
-    )
-    return out.state, out.meta
+    return _restore(self.latest, "state", target)
 
   def save_best(self, step: int, params: dict, meta: dict[str, Any]) -> None:
-    self.best.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
+    """Saves ``params`` as the best model so far (replacing the previous best)."""
+    _save(self.best, step, "params", params, meta)
 
   def has_best(self) -> bool:
     return self.best.latest_step() is not None
 
   def restore_best(self, target_params: dict) -> tuple[dict, dict[str, Any]]:
     """Restores the best parameters onto the structure and shardings of ``target_params``."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_params)
-    out = self.best.restore(
-      self.best.latest_step(),
-      args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
-    )
-    return out.params, out.meta
+    return _restore(self.best, "params", target_params)
 
   def wait(self) -> None:
     self.latest.wait_until_finished()
@@ -77,3 +67,15 @@ class RunCheckpoints:
   def close(self) -> None:
     self.latest.close()
     self.best.close()
+
+
+def _save(manager: ocp.CheckpointManager, step: int, item: str, tree: Any, meta: dict[str, Any]) -> None:
+  args = {item: ocp.args.StandardSave(tree), "meta": ocp.args.JsonSave(meta)}
+  manager.save(step, args=ocp.args.Composite(**args))
+
+
+def _restore(manager: ocp.CheckpointManager, item: str, target: Any) -> tuple[Any, dict[str, Any]]:
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  args = {item: ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}
+  out = manager.restore(manager.latest_step(), args=ocp.args.Composite(**args))
+  return out[item], out["meta"]
