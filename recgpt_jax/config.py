@@ -32,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attn_dropout = 0.5  # dropout on attention weights
   c.model.hidden_dropout = 0.5  # dropout on embeddings and residual branches
   c.model.user_module = True  # add a learned per-user vector at every position
+  c.model.user_dropout = 0.0  # training: drop a user's whole user vector with this probability
   c.model.untied_head = False  # also build an untied hidden -> items linear head
 
   c.train = ml_collections.ConfigDict()
@@ -82,7 +83,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for name in ("hidden", "num_layers", "num_heads", "ffn"):
     need(m[name] >= 1, f"model.{name} must be >= 1, got {m[name]}")
   need(m.hidden % m.num_heads == 0, f"model.hidden ({m.hidden}) must be divisible by model.num_heads ({m.num_heads})")
-  for name in ("attn_dropout", "hidden_dropout"):
+  for name in ("attn_dropout", "hidden_dropout", "user_dropout"):
     need(0.0 <= m[name] < 1.0, f"model.{name} must be in [0, 1), got {m[name]}")
   need(c.train.row_len >= c.max_len, f"train.row_len ({c.train.row_len}) must be >= max_len ({c.max_len})")
   need(c.train.rows_per_batch >= 1, f"train.rows_per_batch must be >= 1, got {c.train.rows_per_batch}")

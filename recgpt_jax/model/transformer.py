@@ -36,6 +36,7 @@ class ModelConfig:
   attn_dropout: float = 0.0
   hidden_dropout: float = 0.0
   user_module: bool = True
+  user_dropout: float = 0.0  # training only: a sequence's user vector is replaced by the unknown-user row
   untied_head: bool = False
 
   def __post_init__(self):
@@ -46,7 +47,7 @@ class ModelConfig:
     for name in ("num_items", "num_users", "max_len", "hidden", "num_layers", "num_heads", "ffn"):
       if getattr(self, name) < 1:
         raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
-    for name in ("attn_dropout", "hidden_dropout"):
+    for name in ("attn_dropout", "hidden_dropout", "user_dropout"):
       if not 0.0 <= getattr(self, name) < 1.0:
         raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
 
@@ -115,11 +116,16 @@ class RecGPT(nnx.Module):
     Returns:
       ``[rows, len, hidden]`` hidden states; padding positions carry no information.
     """
+    keys = jax.random.split(dropout_key, self.cfg.num_layers + 2) if dropout_key is not None else None
     x_rld = self.item_embed(items) + self.pos_embed(jnp.clip(positions, 0, self.cfg.max_len - 1))
     x_rld = x_rld + self.seg_embed(segments)
     if self.user_embed is not None:
+      if keys is not None and self.cfg.user_dropout > 0:
+        # One draw per (row, user slot), so all of a user's tokens lose the user vector together; the
+        # unknown-user row 0 learns a generic user and the model cannot lean on memorised user vectors.
+        drop_rs = jax.random.bernoulli(keys[-2], self.cfg.user_dropout, (users.shape[0], users.shape[1] + 1))
+        users = jnp.where(jnp.take_along_axis(drop_rs, seq_ids, axis=1), 0, users)
       x_rld = x_rld + self.user_embed(users)
-    keys = jax.random.split(dropout_key, self.cfg.num_layers + 1) if dropout_key is not None else None
     x_rld = dropout(self.embed_norm(x_rld), self.cfg.hidden_dropout, None if keys is None else keys[-1])
     mask = causal_packed_mask(seq_ids)
     for i, block in enumerate(self.blocks):

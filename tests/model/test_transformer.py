@@ -102,3 +102,22 @@ def test_bad_config():
     ModelConfig(num_items=3, num_users=1, attention="linear")
   with pytest.raises(ValueError, match="divisible"):
     RecGPT(ModelConfig(num_items=3, num_users=1, hidden=10, num_heads=3), rngs=nnx.Rngs(0))
+
+
+def test_user_dropout_drops_whole_users():
+  model = _model("softmax", "post", user_dropout=0.5)
+  row = _row([(1, [3, 4, 5]), (2, [6, 7]), (3, [8, 9])], 8)
+  unknown = list(row)
+  unknown[4] = jnp.zeros_like(row[4])  # every token as the unknown user 0
+  h_known, h_unknown = model(*row), model(*unknown)
+  dropped_any = kept_any = False
+  for seed in range(8):
+    h = model(*row, dropout_key=jax.random.key(seed))
+    # With other dropouts off, each user's tokens equal either the known-user or the unknown-user output.
+    for sl in (slice(0, 3), slice(3, 5), slice(5, 7)):
+      if np.allclose(np.asarray(h[0, sl]), np.asarray(h_unknown[0, sl]), atol=1e-6):
+        dropped_any = True
+      else:
+        np.testing.assert_allclose(np.asarray(h[0, sl]), np.asarray(h_known[0, sl]), atol=1e-6)
+        kept_any = True
+  assert dropped_any and kept_any
