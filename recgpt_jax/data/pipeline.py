@@ -27,7 +27,7 @@ import grain
 import numpy as np
 
 from recgpt_jax import errors
-from recgpt_jax.data import packing, split
+from recgpt_jax.data import packing, prompts, split
 
 TRAIN_KEYS = ("items", "targets", "positions", "segments", "seq_ids", "users")
 
@@ -62,8 +62,7 @@ class _EpochBatches:
 
   def __init__(
     self,
-    inputs_t: np.ndarray,
-    targets_t: np.ndarray,
+    tokens_t: dict[str, np.ndarray],
     starts: np.ndarray,
     lengths: np.ndarray,
     users: np.ndarray,
@@ -71,30 +70,35 @@ class _EpochBatches:
     *,
     rows_per_batch: int,
     row_len: int,
+    prompted: bool = False,
   ):
-    self._inputs_t = inputs_t  # [T] all users' inputs, concatenated in storage order
-    self._targets_t = targets_t  # [T]
+    self._tokens_t = tokens_t  # name -> [T] all users' tokens, concatenated in storage order
     self._starts = starts  # [N] epoch order: offset of each user's tokens in the buffers
     self._lengths = lengths  # [N] epoch order
     self._users = users  # [N] epoch order
     self._place = place
     self._rows_per_batch = rows_per_batch
     self._row_len = row_len
+    self._prompted = prompted
 
   def __call__(self, b: int) -> dict[str, np.ndarray]:
     lo, hi = int(self._place.bounds[b]), int(self._place.bounds[b + 1])
     lengths = self._lengths[lo:hi]  # [k]
     src = np.repeat(self._starts[lo:hi] - (np.cumsum(lengths) - lengths), lengths) + np.arange(lengths.sum())
-    return packing.scatter_rows(
+    per_sequence = {"users": self._users[lo:hi]}
+    if self._prompted:
+      per_sequence["span_col"] = self._place.col[lo:hi]
+    batch = packing.scatter_rows(
       lengths,
       self._place.row[lo:hi],
       self._place.col[lo:hi],
       self._place.seq_id[lo:hi],
-      {"items": self._inputs_t[src], "targets": self._targets_t[src]},
-      {"users": self._users[lo:hi]},
+      {name: values_t[src] for name, values_t in self._tokens_t.items()},
+      per_sequence,
       rows_per_batch=self._rows_per_batch,
       row_len=self._row_len,
     )
+    return prompts.finish_prompt_batch(batch) if self._prompted else batch
 
 
 class EpochIterator(Iterator[dict[str, np.ndarray]]):
@@ -104,7 +108,7 @@ class EpochIterator(Iterator[dict[str, np.ndarray]]):
   epoch or configuration raises ``errors.ConfigError`` instead of silently yielding other batches.
   """
 
-  def __init__(self, iterator: grain.DatasetIterator, fingerprint: dict[str, int]):
+  def __init__(self, iterator: grain.DatasetIterator, fingerprint: dict[str, Any]):
     self._iterator = iterator
     self._fingerprint = fingerprint
 
@@ -141,6 +145,9 @@ class TrainInput:
     rows_per_batch: rows per batch.
     seed: shuffle seed (non-negative).
     num_workers: Grain worker processes (0 = in-process; workers need absl flags parsed).
+    prompt_mode: None for pre-training batches; ``'last'`` or ``'interleave'`` for prompt-tuning batches
+      (see ``recgpt_jax.data.prompts``: each user's span holds a real and a prompted view).
+    prompt_width: prompt width ``w`` of the prompt modes.
 
   Attributes:
     num_users: users with a training example.
@@ -156,7 +163,13 @@ class TrainInput:
     rows_per_batch: int,
     seed: int,
     num_workers: int = 0,
+    prompt_mode: str | None = None,
+    prompt_width: int = 1,
   ):
+    if prompt_mode is not None and (prompt_mode not in prompts.PROMPT_MODES or prompt_width < 1):
+      raise errors.ConfigError(
+        f"prompt mode must be one of {prompts.PROMPT_MODES} with width >= 1, got {prompt_mode!r}, {prompt_width}"
+      )
     if max_len < 1 or row_len < max_len or rows_per_batch < 1 or seed < 0 or num_workers < 0:
       raise errors.ConfigError(
         f"invalid train input sizes: max_len={max_len}, row_len={row_len} (must be >= max_len),"
@@ -168,15 +181,23 @@ class TrainInput:
     keep = split.usable(sequences)
     examples = [split.train_example(s, max_len) for s, ok in zip(sequences, keep, strict=True) if ok]
     self._users = users[keep]  # [N] storage order (by user id)
-    self._lengths = np.array([len(x) for x, _ in examples], dtype=np.int64)  # [N]
+    self.prompt_mode, self.prompt_width = prompt_mode, prompt_width
+    if prompt_mode is None:
+      parts = [{"items": x, "targets": y} for x, y in examples]
+      loss_key = "targets"
+    else:
+      parts = [prompts.prompt_example(x, y, prompt_mode, prompt_width, max_len) for x, y in examples]
+      loss_key = "p_targets"
+    self._lengths = np.array([len(p["items"]) for p in parts], dtype=np.int64)  # [N] span per user
     self._starts = np.cumsum(self._lengths) - self._lengths  # [N]
-    self._inputs_t = np.concatenate([x for x, _ in examples] or [np.zeros(0, np.int32)])  # [T]
-    self._targets_t = np.concatenate([y for _, y in examples] or [np.zeros(0, np.int32)])  # [T]
+    self._tokens_t = {  # name -> [T]
+      k: np.concatenate([p[k] for p in parts] or [np.zeros(0, np.int32)]) for k in (parts[0] if parts else {})
+    }
     self.num_users = len(examples)
-    self.num_tokens = int(self._lengths.sum())
+    self.num_tokens = int(np.count_nonzero(self._tokens_t[loss_key])) if parts else 0
     self._last_plan: tuple[int, np.ndarray, packing.Placement] | None = None
 
-  def _fingerprint(self, epoch: int) -> dict[str, int]:
+  def _fingerprint(self, epoch: int) -> dict[str, Any]:
     return {
       "seed": self.seed,
       "epoch": epoch,
@@ -184,7 +205,9 @@ class TrainInput:
       "row_len": self.row_len,
       "rows_per_batch": self.rows_per_batch,
       "num_users": self.num_users,
-      "num_workers": self.num_workers,  # The Grain state layout differs with worker processes.
+      "num_workers": self.num_workers,
+      "prompt_mode": self.prompt_mode,
+      "prompt_width": self.prompt_width,  # The Grain state layout differs with worker processes.
     }
 
   def _plan(self, epoch: int) -> tuple[np.ndarray, packing.Placement]:
@@ -205,14 +228,14 @@ class TrainInput:
     """Random-access Grain dataset of the batches of ``epoch``."""
     order, place = self._plan(epoch)
     assemble = _EpochBatches(
-      self._inputs_t,
-      self._targets_t,
+      self._tokens_t,
       self._starts[order],
       self._lengths[order],
       self._users[order],
       place,
       rows_per_batch=self.rows_per_batch,
       row_len=self.row_len,
+      prompted=self.prompt_mode is not None,
     )
     return grain.MapDataset.range(place.num_batches).map(assemble)
 

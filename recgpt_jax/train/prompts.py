@@ -1,0 +1,70 @@
+"""On-device prompt generation for prompt-tuning (no gradient, current parameters, every step).
+
+Given the model's item scores at every position of the *real* view of a packed batch (the user's true
+prefix), a ``lax.scan`` over the columns picks the generated items: at column ``t`` it adds the item
+the prompted sequence holds at ``t`` to the user's *used* set and takes the best-scoring items not in
+it, so a generated item never repeats an item already in its prefix (real or generated). The scan
+carries a ``[rows, items + 1]`` used-set and resets it where a new user starts in the row; it is cheap
+next to the forward pass that produced the scores. The layout (which slot takes which pick) comes from
+``recgpt_jax.data.prompts``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def pick_prompt_items(scores_rlv: jax.Array, batch: dict[str, jax.Array], mode: str, width: int) -> jax.Array:
+  """Chooses the generated items, column by column.
+
+  Args:
+    scores_rlv: ``[rows, len, items + 1]`` scores of the real view (column 0 = padding, never chosen).
+    batch: the prompt-tuning batch (``items``, ``positions``, ``seq_ids`` of the real view; ``gen_col``).
+    mode: ``'last'`` (only one pick per column is used: it fills slot ``t + 1`` and then counts as the
+      item at ``t + 1``) or ``'interleave'`` (``width`` picks after each real item, all added to the used
+      set).
+    width: prompt width ``w``.
+
+  Returns:
+    ``[rows, len, picks]`` int32 picks per real-view column (``picks`` = ``width`` for interleave, 1 for
+    last), in score order.
+  """
+  rows, length, vocab = scores_rlv.shape
+  low = jnp.finfo(scores_rlv.dtype).min
+  scores_rlv = scores_rlv.at[..., 0].set(low)
+  row_idx = jnp.arange(rows)
+  # Last mode: is column t a slot (its prompted item is the pick made at t - 1)?
+  slot_rl = jnp.zeros((rows, length), bool)
+  if mode == "last":
+    cols = jnp.where(batch["gen_col"] >= 0, batch["gen_col"] + 1, length)  # the slot's own column
+    slot_rl = slot_rl.at[row_idx[:, None], cols].set(True, mode="drop")
+  num_picks = width if mode == "interleave" else 1
+
+  def step(carry, xs):
+    used_rv, prev_pick_r = carry
+    item_r, pos_r, seq_r, slot_r, scores_rv = xs
+    starts = (pos_r == 0) & (seq_r > 0)
+    used_rv = used_rv & ~starts[:, None]
+    here_r = jnp.where(slot_r, prev_pick_r, item_r)  # the item the prompted sequence holds at t
+    used_rv = used_rv.at[row_idx, here_r].set(True)
+    picks = []
+    for _ in range(num_picks):
+      pick_r = jnp.argmax(jnp.where(used_rv, low, scores_rv), axis=-1).astype(jnp.int32)
+      picks.append(pick_r)
+      if mode == "interleave":
+        used_rv = used_rv.at[row_idx, pick_r].set(True)
+    return (used_rv, picks[0]), jnp.stack(picks, axis=-1)
+
+  init = (jnp.zeros((rows, vocab), bool), jnp.zeros((rows,), jnp.int32))
+  xs = (batch["items"].T, batch["positions"].T, batch["seq_ids"].T, slot_rl.T, jnp.swapaxes(scores_rlv, 0, 1))
+  _, picks_lrk = jax.lax.scan(step, init, xs)
+  return jnp.swapaxes(picks_lrk, 0, 1)
+
+
+def fill_prompts(picks_rlk: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
+  """The prompted view's items: real items, and each slot's pick (``gen_col``, ``gen_rank``)."""
+  rows = jnp.arange(picks_rlk.shape[0])[:, None]
+  gen_col = batch["gen_col"]
+  filled = picks_rlk[rows, jnp.maximum(gen_col, 0), batch["gen_rank"]]
+  return jnp.where(gen_col >= 0, filled, batch["p_items"])

@@ -1,0 +1,106 @@
+"""Prompt layout and on-device generation on a hand-built case with known answers."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from recgpt_jax.data import pipeline, tfds_builder
+from recgpt_jax.train import prompts
+
+# Two users; train inputs are items[:-3], targets items[1:-2]:
+#   user 1: inputs [10, 8, 3], targets [8, 3, 4];  user 2: inputs [9, 7], targets [7, 6].
+SEQUENCES = {1: [10, 8, 3, 4, 1, 2], 2: [9, 7, 6, 1, 2]}
+NUM_ITEMS = 10
+
+
+def _batch(mode, width, max_len=12):
+  source = tfds_builder.InMemorySource(list(SEQUENCES), [np.array(s) for s in SEQUENCES.values()])
+  ti = pipeline.TrainInput(
+    source, max_len=max_len, row_len=16, rows_per_batch=1, seed=0, prompt_mode=mode, prompt_width=width
+  )
+  batches = list(ti.epoch_iterator(0))
+  assert len(batches) == 1
+  return batches[0]
+
+
+def _user_view(batch, p_items, user):
+  """The prompted view of ``user``: (items, targets, segments, positions)."""
+  sel = (batch["users"][0] == user) & (batch["p_seq_ids"][0] > 0)
+  return (
+    np.asarray(p_items)[0][sel].tolist(),
+    batch["p_targets"][0][sel].tolist(),
+    batch["p_segments"][0][sel].tolist(),
+    batch["p_positions"][0][sel].tolist(),
+  )
+
+
+def _generate(batch, mode, width):
+  # Every position scores item v as v: the model "prefers" high ids; exclusion decides the rest.
+  scores = jnp.broadcast_to(jnp.arange(NUM_ITEMS + 1, dtype=jnp.float32), (*batch["items"].shape, NUM_ITEMS + 1))
+  jb = {k: jnp.asarray(v) for k, v in batch.items()}
+  picks = prompts.pick_prompt_items(scores, jb, mode, width)
+  return prompts.fill_prompts(picks, jb)
+
+
+# (mode, width, max_len) -> expected prompted view per user: (items, targets, segments, positions)
+CASES = {
+  # Slot replaces the last input, generated from the true prefix: user 1 from {10, 8} -> 9.
+  ("last", 1, 12): {
+    1: ([10, 8, 9], [8, 3, 4], [0, 0, 1], [0, 1, 2]),
+    2: ([9, 10], [7, 6], [0, 1], [0, 1]),
+  },
+  # Two slots: slot 1 from {10} -> 9; slot 2 from {10, 9 (generated)} -> 8 (the replaced real 8 is not
+  # in the prompted prefix). User 2 has one real context item, so only one slot.
+  ("last", 2, 12): {
+    1: ([10, 9, 8], [8, 3, 4], [0, 1, 1], [0, 1, 2]),
+    2: ([9, 10], [7, 6], [0, 1], [0, 1]),
+  },
+  # After 10: best not in {10} -> 9; after 8: best not in {10, 9, 8} -> 7. Slots carry no target.
+  ("interleave", 1, 12): {
+    1: ([10, 9, 8, 7, 3], [8, 0, 3, 0, 4], [0, 1, 0, 1, 0], [0, 1, 2, 3, 4]),
+    2: ([9, 10, 7], [7, 0, 6], [0, 1, 0], [0, 1, 2]),
+  },
+  ("interleave", 2, 12): {
+    1: ([10, 9, 8, 8, 7, 6, 3], [8, 0, 0, 3, 0, 0, 4], [0, 1, 1, 0, 1, 1, 0], list(range(7))),
+    2: ([9, 10, 8, 7], [7, 0, 0, 6], [0, 1, 1, 0], [0, 1, 2, 3]),
+  },
+  # Keep the last max_len=4 positions: user 1 starts with the slot after 10 (still generated from 10).
+  ("interleave", 1, 4): {
+    1: ([9, 8, 7, 3], [0, 3, 0, 4], [1, 0, 1, 0], [0, 1, 2, 3]),
+    2: ([9, 10, 7], [7, 0, 6], [0, 1, 0], [0, 1, 2]),
+  },
+}
+
+
+@pytest.mark.parametrize(("mode", "width", "max_len"), list(CASES))
+def test_prompted_sequences_by_hand(mode, width, max_len):
+  batch = _batch(mode, width, max_len)
+  p_items = _generate(batch, mode, width)
+  for user, expected in CASES[(mode, width, max_len)].items():
+    assert _user_view(batch, p_items, user) == expected, (mode, width, user)
+  # The real view is the untouched true window (generation context).
+  sel = batch["users"][0] == 1
+  assert batch["items"][0][sel & (batch["seq_ids"][0] > 0)].tolist() == [10, 8, 3]
+
+
+def test_generated_items_never_repeat_the_prefix():
+  rng = np.random.default_rng(0)
+  # A catalogue of 60 items: larger than any prefix plus its picks (16 real + 15 x 2 generated), so there
+  # is always an unused item; the loop refuses catalogues too small for the prompt width.
+  seqs = {u: rng.choice(np.arange(1, 61), size=rng.integers(5, 20), replace=False) for u in range(1, 40)}
+  source = tfds_builder.InMemorySource(list(seqs), list(seqs.values()))
+  for mode, width in (("last", 3), ("interleave", 2)):
+    ti = pipeline.TrainInput(
+      source, max_len=16, row_len=24, rows_per_batch=6, seed=0, prompt_mode=mode, prompt_width=width
+    )
+    for batch in ti.epoch_iterator(0):
+      scores = jnp.asarray(rng.normal(size=(*batch["items"].shape, 61)), jnp.float32)
+      jb = {k: jnp.asarray(v) for k, v in batch.items()}
+      p_items = np.asarray(prompts.fill_prompts(prompts.pick_prompt_items(scores, jb, mode, width), jb))
+      for r in range(p_items.shape[0]):
+        for s in np.unique(batch["p_seq_ids"][r][batch["p_seq_ids"][r] > 0]):
+          seq = p_items[r][batch["p_seq_ids"][r] == s]
+          segs = batch["p_segments"][r][batch["p_seq_ids"][r] == s]
+          for i in np.nonzero(segs)[0]:
+            assert 1 <= seq[i] <= 60
+            assert seq[i] not in seq[:i], (mode, seq, i)
