@@ -64,6 +64,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.rows_per_batch = 256  # packed rows per evaluation step (row length = train.row_len)
   c.eval.metric = "NDCG@10"  # validation metric used to select the best model
 
+  c.init_from = ""  # prompt_tune: a pre-training workdir whose best (else latest) parameters start the stage
+
+  c.prompt = ml_collections.ConfigDict()
+  c.prompt.mode = "last"  # 'last' (replace the last w real inputs) or 'interleave' (w prompts after each item)
+  c.prompt.width = 1  # w: generated items per prompt
+  c.prompt.head = "tied"  # head whose top items become the prompts: 'tied' or 'untied'
+  c.prompt.hard_negative_weight = 0.0  # extra loss ranking the clicked item above the shown prompt (0 = off)
+
   c.results_dir = ""  # if set, also write <results_dir>/<name>.json (e.g. experiments/results)
   c.tfds_data_dir = ""  # where the TFDS builder writes (default ~/.cache/recgpt_jax/tfds)
   return c
@@ -98,5 +106,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   need(c.train.head == "tied" or c.model.untied_head, "train.head='untied' needs model.untied_head=True")
   need(c.optimizer.learning_rate > 0, f"optimizer.learning_rate must be > 0, got {c.optimizer.learning_rate}")
   need(c.eval.users_per_batch >= 1 and c.eval.rows_per_batch >= 1, "eval batch sizes must be >= 1")
+  need(c.prompt.mode in ("last", "interleave"), f"prompt.mode must be 'last' or 'interleave', got {c.prompt.mode!r}")
+  need(c.prompt.width >= 1, f"prompt.width must be >= 1, got {c.prompt.width}")
+  need(c.prompt.head in ("tied", "untied"), f"prompt.head must be 'tied' or 'untied', got {c.prompt.head!r}")
+  need(c.prompt.head == "tied" or c.model.untied_head, "prompt.head='untied' needs model.untied_head=True")
+  need(c.prompt.hard_negative_weight >= 0, "prompt.hard_negative_weight must be >= 0")
   metrics = tuple(f"{m}@{k}" for m in ("HR", "NDCG") for k in (5, 10, 20))
   need(c.eval.metric in metrics, f"eval.metric must be one of {metrics}, got {c.eval.metric!r}")

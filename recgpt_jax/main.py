@@ -1,10 +1,13 @@
 """Command-line entry point.
 
-  python -m recgpt_jax.main --config=experiments/configs/default.py --workdir=runs/default [--mode=pretrain]
+  python -m recgpt_jax.main --config=experiments/configs/default.py --workdir=runs/default \
+      [--mode=pretrain|prompt_tune|evaluate]
 
 Any config field can be overridden with ``--config.<field>=<value>``. Modes: ``pretrain`` trains (resuming
-from the workdir's checkpoint if present) and then evaluates the best model; ``evaluate`` only evaluates
-the workdir's model. User errors (bad data, config or flags) are reported as one line with exit code 2.
+from the workdir's checkpoint if present) and then evaluates the best model; ``prompt_tune`` does the same
+for RecGPT's prompt-tuning stage, starting from the pre-training workdir ``--config.init_from``;
+``evaluate`` only evaluates the workdir's model. User errors (bad data, config or flags) are reported as
+one line with exit code 2.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from ml_collections import config_flags
 
 from recgpt_jax.errors import UserError
 
-MODES = ("pretrain", "evaluate")
+MODES = ("pretrain", "prompt_tune", "evaluate")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, metrics and results.")
@@ -38,8 +41,8 @@ def main(argv: list[str]) -> None:
     print(f"error: cannot load --config: {detail[-1] if detail else type(e).__name__}", file=sys.stderr)
     sys.exit(2)
   try:
-    if _MODE.value == "pretrain":
-      loop.train_and_evaluate(config, _WORKDIR.value)
+    if _MODE.value in ("pretrain", "prompt_tune"):
+      loop.train_and_evaluate(config, _WORKDIR.value, _MODE.value)
     else:
       loop.evaluate_only(config, _WORKDIR.value)
   except UserError as e:

@@ -31,7 +31,7 @@ from recgpt_jax.train import optim
 from recgpt_jax.train import step as step_lib
 from recgpt_jax.train.checkpoint import RunCheckpoints
 
-MODES = ("pretrain", "evaluate")
+TRAIN_STAGES = ("pretrain", "prompt_tune")
 # Config fields that must match for a workdir to be resumed or evaluated.
 _COMPAT_FIELDS = ("dataset", "max_len", "model")
 
@@ -72,9 +72,12 @@ def git_commit() -> str:
 class Run:
   """Everything built from a config: data, model, optimizer, step functions, checkpoints."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path, stage: str = "pretrain"):
     config_lib.validate(config)
+    if stage not in TRAIN_STAGES:
+      raise ConfigError(f"unknown training stage {stage!r}; expected one of {TRAIN_STAGES}")
     self.config = config
+    self.stage = stage
     self.workdir = pathlib.Path(workdir)
     self._check_workdir_compatible()
 
@@ -86,8 +89,22 @@ class Run:
       source = tfds_builder.data_source(c.dataset, c.tfds_data_dir or None)[0]
     else:
       source = tfds_builder.InMemorySource(self.data.users, self.data.sequences)
+    self.prompt_cfg = None
+    if stage == "prompt_tune":
+      self.prompt_cfg = step_lib.PromptConfig(**c.prompt)
+      if self.data.num_items <= c.max_len * (c.prompt.width + 1):
+        raise ConfigError(
+          f"prompt-tuning needs more than max_len * (prompt.width + 1) = {c.max_len * (c.prompt.width + 1)} items"
+          f" so a prompt never has to repeat its prefix; {self.data.source} has {self.data.num_items}"
+        )
     self.train_input = pipeline.TrainInput(
-      source, max_len=c.max_len, row_len=c.train.row_len, rows_per_batch=c.train.rows_per_batch, seed=c.seed
+      source,
+      max_len=c.max_len,
+      row_len=c.train.row_len,
+      rows_per_batch=c.train.rows_per_batch,
+      seed=c.seed,
+      prompt_mode=None if self.prompt_cfg is None else self.prompt_cfg.mode,
+      prompt_width=1 if self.prompt_cfg is None else self.prompt_cfg.width,
     )
     self.eval_batches = {}
     for stage in split.STAGES:
@@ -118,7 +135,7 @@ class Run:
     self.tx = optim.make_optimizer(c.optimizer, self.total_steps)
     self.graphdef, self.state = step_lib.init_state(model, self.tx, c.seed)
     self.mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    step_fn = step_lib.make_train_step(self.graphdef, self.tx, self.loss_cfg)
+    step_fn = step_lib.make_train_step(self.graphdef, self.tx, self.loss_cfg, self.prompt_cfg)
     self.state = jax.device_put(self.state, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
     self.train_step = step_lib.jit_train_step(step_fn, self.state, self.mesh)
     self.eval_step = metrics_lib.make_eval_step(self.graphdef, head="tied")
@@ -139,6 +156,37 @@ class Run:
           f"workdir {self.workdir} holds a run with a different {field!r} "
           f"({old.get(field)!r} != {new.get(field)!r}); use a new --workdir"
         )
+
+  def warm_start_params(self, target_params: dict) -> dict:
+    """Parameters of the pre-training run ``config.init_from``: its best model, else its latest state."""
+    src = self.config.init_from
+    if not src:
+      raise ConfigError("prompt-tuning starts from a pre-trained model: set --config.init_from=<pretrain workdir>")
+    src = pathlib.Path(src)
+    saved = src / "config.json"
+    if not saved.exists():
+      raise ConfigError(f"--config.init_from={src} is not a run directory (no config.json)")
+    old, new = json.loads(saved.read_text()), json.loads(self.config.to_json())
+    for field in _COMPAT_FIELDS:
+      if field == "model":
+        # Dropout rates may change between stages; the architecture may not.
+        differ = [k for k in new["model"] if "dropout" not in k and old["model"].get(k) != new["model"][k]]
+      else:
+        differ = [field] if old.get(field) != new.get(field) else []
+      if differ:
+        raise ConfigError(f"--config.init_from={src} was trained with a different {field} ({', '.join(differ)})")
+    ckpt = RunCheckpoints(src, keep=self.config.train.keep_checkpoints)
+    if ckpt.has_best():
+      params, meta = ckpt.restore_best(target_params)
+      print(f"Warm start from {src} (best model, epoch {meta.get('epoch')}).", flush=True)
+    elif ckpt.latest_step() is not None:
+      state, _ = ckpt.restore(self.state)
+      params = state.params
+      print(f"Warm start from {src} (latest checkpoint, step {int(state.step)}).", flush=True)
+    else:
+      raise ConfigError(f"--config.init_from={src} holds no checkpoint")
+    ckpt.close()
+    return params
 
   def evaluate(self, params, stage: str) -> dict[str, float]:
     return metrics_lib.evaluate(self.eval_step, params, self.eval_batches[stage])
@@ -171,14 +219,18 @@ def _progress(total: int, desc: str):
   return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=False, mininterval=1.0)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Pre-trains (resuming from the workdir if it holds a checkpoint), then reports valid/test metrics.
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: str = "pretrain") -> dict[str, Any]:
+  """Trains one stage, then reports valid/test metrics of its best model.
+
+  Start order: the workdir's own latest checkpoint (exact resume); else, for ``prompt_tune``, the best
+  (else latest) parameters of the pre-training workdir ``config.init_from`` with a fresh optimizer;
+  else a fresh initialisation (pre-training).
 
   Returns:
     The results record (also written to ``<workdir>/results.json``).
   """
   t_start = time.time()
-  run = Run(config, workdir)
+  run = Run(config, workdir, stage)
   c = config
   wd = run.workdir
   wd.mkdir(parents=True, exist_ok=True)
@@ -192,6 +244,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, meta = run.ckpt.restore(state)
     logging.info("resumed from step %d (epoch %d)", int(state.step), meta["epoch"])
     print(f"Resuming {wd} from step {int(state.step)}, epoch {meta['epoch'] + 1}.", flush=True)
+  elif stage == "prompt_tune":
+    state = state.replace(params=run.warm_start_params(state.params))
+    state = state.replace(opt_state=run.tx.init(state.params))
   print(
     f"{run.data.source}: {len(run.data.users)} users, {run.data.num_items} items, "
     f"{run.train_input.num_tokens} train tokens/epoch, ~{run.steps_per_epoch} steps/epoch, "
@@ -290,7 +345,7 @@ def _final_report(run: Run, state, c, wd: pathlib.Path, wall_time: float | None,
   record = {
     "name": c.name,
     "dataset": run.data.source,
-    "recipe": {"stage": "pretrain", "config": json.loads(c.to_json())},
+    "recipe": {"stage": run.stage, "config": json.loads(c.to_json())},
     "command": command or os.environ.get("RECGPT_COMMAND", " ".join(["python", "-m", "recgpt_jax.main", *_argv()])),
     "git_commit": git_commit(),
     "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from recgpt_jax.train import losses
+from recgpt_jax.train import losses, prompts
 
 Batch = dict[str, jax.Array]
 MODEL_INPUTS = ("items", "positions", "segments", "seq_ids", "users")
@@ -66,10 +66,25 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -
   )
 
 
-def next_item_loss(model, batch: Batch, loss_cfg: LossConfig, key: jax.Array | None) -> jax.Array:
-  """Mean next-item loss of ``model`` on a packed batch; ``key`` drives dropout and negatives."""
-  drop_key, neg_key = jax.random.split(key) if key is not None else (None, jax.random.key(0))
-  hidden = model(*(batch[k] for k in MODEL_INPUTS), dropout_key=drop_key)
+@dataclasses.dataclass(frozen=True)
+class PromptConfig:
+  """Prompt-tuning: how generated prompts are laid out, chosen and used in the loss.
+
+  Attributes:
+    mode: ``'last'`` or ``'interleave'`` (see ``recgpt_jax.data.prompts``).
+    width: prompt width ``w``.
+    head: head whose scores choose the generated items: ``'tied'`` or ``'untied'``.
+    hard_negative_weight: weight of an extra pairwise loss that ranks the real next item above the
+      generated-but-not-clicked item shown before it (0 = off, the paper's loss).
+  """
+
+  mode: str = "last"
+  width: int = 1
+  head: str = "tied"
+  hard_negative_weight: float = 0.0
+
+
+def _loss_from_hidden(model, hidden, batch: Batch, loss_cfg: LossConfig, neg_key: jax.Array) -> jax.Array:
   targets = batch["targets"]
   num_items = model.cfg.num_items
   if loss_cfg.kind == "ce":
@@ -82,21 +97,82 @@ def next_item_loss(model, batch: Batch, loss_cfg: LossConfig, key: jax.Array | N
   return losses.sampled_softmax(hidden, table, targets, negatives)
 
 
+def next_item_loss(model, batch: Batch, loss_cfg: LossConfig, key: jax.Array | None) -> jax.Array:
+  """Mean next-item loss of ``model`` on a packed batch; ``key`` drives dropout and negatives."""
+  drop_key, neg_key = jax.random.split(key) if key is not None else (None, jax.random.key(0))
+  hidden = model(*(batch[k] for k in MODEL_INPUTS), dropout_key=drop_key)
+  return _loss_from_hidden(model, hidden, batch, loss_cfg, neg_key)
+
+
+def prompted_batch(gen_model, batch: Batch, prompt_cfg: PromptConfig) -> Batch:
+  """Generates the prompts with ``gen_model`` (no dropout) and returns the prompted view as model inputs."""
+  hidden = gen_model(*(batch[k] for k in MODEL_INPUTS))  # the real view: true prefixes
+  scores = gen_model.logits(hidden, prompt_cfg.head)
+  picks = prompts.pick_prompt_items(scores, batch, prompt_cfg.mode, prompt_cfg.width)
+  return {
+    "items": prompts.fill_prompts(picks, batch),
+    "positions": batch["p_positions"],
+    "segments": batch["p_segments"],
+    "seq_ids": batch["p_seq_ids"],
+    "users": batch["users"],
+    "targets": batch["p_targets"],
+    "gen_col": batch["gen_col"],
+    "gen_rank": batch["gen_rank"],
+  }
+
+
+def hard_negative_loss(model, hidden, prompted: Batch) -> jax.Array:
+  """Mean ``softplus(s_shown - s_clicked)`` over prompt slots.
+
+  A slot at column ``c`` with rank ``j`` holds an item the model showed after the real item at column
+  ``c - 1 - j``, whose target is the item the user really clicked next.
+  """
+  rows = jnp.arange(hidden.shape[0])[:, None]
+  slot = prompted["gen_col"] >= 0
+  at = jnp.clip(jnp.arange(hidden.shape[1])[None, :] - 1 - prompted["gen_rank"], 0, hidden.shape[1] - 1)
+  h = hidden[rows, at]  # [r, l, d] the hidden state that "showed" the slot's item
+  clicked = prompted["targets"][rows, at]
+  shown = prompted["items"]
+  valid = slot & (clicked > 0) & (shown != clicked)
+  table = model.item_table()
+  margin = jnp.sum(h * (table[shown] - table[clicked]), axis=-1)
+  weights = valid.astype(hidden.dtype)
+  return jnp.sum(jax.nn.softplus(margin) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
 def make_train_step(
-  graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_cfg: LossConfig
+  graphdef: nnx.GraphDef,
+  tx: optax.GradientTransformation,
+  loss_cfg: LossConfig,
+  prompt_cfg: PromptConfig | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-  """Returns the pure (un-jitted) train step ``(state, batch) -> (state, metrics)``."""
+  """Returns the pure (un-jitted) train step ``(state, batch) -> (state, metrics)``.
+
+  Without ``prompt_cfg`` this is the pre-training step. With it, the step first generates the prompts
+  from the *current* parameters (no gradient flows through generation) and trains on the prompted view.
+  """
 
   def train_step(state: TrainState, batch: Batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    metrics = {}
+    if prompt_cfg is not None:
+      batch = prompted_batch(nnx.merge(graphdef, jax.lax.stop_gradient(state.params)), batch, prompt_cfg)
 
     def loss_fn(params):
-      return next_item_loss(nnx.merge(graphdef, params), batch, loss_cfg, key)
+      model = nnx.merge(graphdef, params)
+      drop_key, neg_key = jax.random.split(key)
+      hidden = model(*(batch[k] for k in MODEL_INPUTS), dropout_key=drop_key)
+      loss = _loss_from_hidden(model, hidden, batch, loss_cfg, neg_key)
+      aux = {}
+      if prompt_cfg is not None and prompt_cfg.hard_negative_weight > 0:
+        aux["hard_negative_loss"] = hard_negative_loss(model, hidden, batch)
+        loss = loss + prompt_cfg.hard_negative_weight * aux["hard_negative_loss"]
+      return loss, aux
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {
+    metrics |= aux | {
       "loss": loss,
       "grad_norm": optax.tree.norm(grads),
       "tokens": jnp.sum(batch["targets"] > 0),

@@ -9,6 +9,7 @@ import pytest
 
 from recgpt_jax.train import loop
 from recgpt_jax.train import step as step_lib
+from recgpt_jax.train.checkpoint import RunCheckpoints
 from tests.helpers import tiny_config, write_cyclic_dataset
 
 
@@ -133,3 +134,42 @@ def test_divergence_aborts_with_clear_error(tmp_path):
     loop._report((8, {"loss": np.float32(1.0), "grad_norm": np.float32("inf")}), log, Bar(), 1.0, cfg)
   assert loop._report((9, {"loss": np.float32(2.5), "grad_norm": np.float32(1.0)}), log, Bar(), 1.0, cfg) == 2.5
   log.close()
+
+
+@pytest.mark.parametrize(("mode", "width", "hard"), [("last", 1, 0.0), ("interleave", 1, 0.5)])
+def test_prompt_tuning_warm_starts_and_learns(dataset, tmp_path, mode, width, hard):
+  pre = tmp_path / "pre"
+  loop.train_and_evaluate(tiny_config(dataset, **{"train.num_epochs": 4}), str(pre))
+  cfg = tiny_config(
+    dataset,
+    **{
+      "init_from": str(pre),
+      "train.num_epochs": 2,
+      "prompt.mode": mode,
+      "prompt.width": width,
+      "prompt.hard_negative_weight": hard,
+      "optimizer.learning_rate": 3e-3,
+    },
+  )
+  record = loop.train_and_evaluate(cfg, str(tmp_path / "pt"), "prompt_tune")
+  assert record["recipe"]["stage"] == "prompt_tune"
+  assert record["test"]["HR@10"] > 0.8, record["test"]
+  logged = [json.loads(ln) for ln in (tmp_path / "pt" / "metrics.jsonl").read_text().splitlines()]
+  assert any("train/loss" in r for r in logged)
+
+
+def test_prompt_tuning_needs_a_pretrained_run(dataset, tmp_path):
+  with pytest.raises(loop.ConfigError, match="init_from"):
+    loop.train_and_evaluate(tiny_config(dataset), str(tmp_path / "pt"), "prompt_tune")
+  pre = tmp_path / "pre"
+  loop.train_and_evaluate(tiny_config(dataset, **{"train.num_epochs": 1}), str(pre))
+  # Warm start loads exactly the pre-training run's best parameters.
+  run = loop.Run(tiny_config(dataset, **{"init_from": str(pre)}), tmp_path / "pt1", "prompt_tune")
+  warm = run.warm_start_params(run.state.params)
+  best, _ = RunCheckpoints(pre).restore_best(run.state.params)
+  for a, b in zip(jax.tree.leaves(warm), jax.tree.leaves(best), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(loop.ConfigError, match="different model"):
+    loop.train_and_evaluate(
+      tiny_config(dataset, **{"init_from": str(pre), "model.hidden": 32}), str(tmp_path / "pt2"), "prompt_tune"
+    )

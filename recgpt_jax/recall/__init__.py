@@ -1,0 +1,1 @@
+"""Inference: autoregressive multi-interest recall (RecGPT's generation-based top-K)."""
