@@ -1,16 +1,21 @@
-"""Benchmark: useful target tokens per second of the pre-training step at the reference configuration.
+"""Benchmark: useful target tokens per second of a training step at the reference configuration.
 
-Reference configuration (RecGPT's own run): hidden 256, 1 layer, 2 heads, FFN 512, flow attention,
-max length 50, about 256 users per batch, BCE with one random negative, dropout 0.5 / 0.1, Adam 1e-3.
-The reference PyTorch code does about 200 non-padding target tokens/s on this 2-core machine.
+Reference configuration (RecGPT's own runs): hidden 256, 1 layer, 2 heads, FFN 512, flow attention,
+max length 50, about 256 users per batch, Adam.
+
+* ``--stage=pretrain``: BCE with one random negative, dropout 0.5 / 0.1. The reference PyTorch code does
+  about 200 non-padding target tokens/s on this 2-core machine.
+* ``--stage=prompt_tune``: prompts generated on device from the current parameters (mode ``last``,
+  ``w = 1``), full-softmax cross-entropy over all items, dropout 0.1. The reference does about 110
+  tokens/s here.
 
 Variants differ only in the batch layout: ``padded`` is the reference's layout (one user per row, 256
-rows of 50, left unpacked), the others pack several users per row. Variants run interleaved in rounds so
-that machine noise hits all of them alike; compilation and the first steps are excluded.
+rows of 50; pre-training only), the others pack several users per row. Variants run interleaved in
+rounds so that machine noise hits all of them alike; compilation and the first steps are excluded.
 
-  python experiments/bench_pretrain.py [--steps_per_round=5 --rounds=6]
+  python experiments/bench_train.py --stage=pretrain [--steps_per_round=5 --rounds=6]
 
-Writes experiments/results/bench_pretrain.json and bench_pretrain.md.
+Writes experiments/results/bench_<stage>.json and bench_<stage>.md.
 """
 
 from __future__ import annotations
@@ -32,13 +37,15 @@ from recgpt_jax.model.transformer import ModelConfig, RecGPT
 from recgpt_jax.train import loop, optim
 from recgpt_jax.train import step as step_lib
 
-REFERENCE_TOKENS_PER_S = 200.0  # the authors' PyTorch code, this machine (recgpt-reference.md)
+# The authors' PyTorch code on this machine (recgpt-reference.md), target tokens per second.
+REFERENCE_TOKENS_PER_S = {"pretrain": 200.0, "prompt_tune": 110.0}
 USERS_PER_BATCH = 256
 
 _STEPS = flags.DEFINE_integer("steps_per_round", 5, "Timed steps per variant per round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 6, "Interleaved rounds.")
 _DATASET = flags.DEFINE_string("dataset", "Beauty", "Bundled dataset.")
-_OUT = flags.DEFINE_string("out", "experiments/results", "Where to write bench_pretrain.{json,md}.")
+_OUT = flags.DEFINE_string("out", "experiments/results", "Where to write bench_<stage>.{json,md}.")
+_STAGE = flags.DEFINE_enum("stage", "pretrain", ["pretrain", "prompt_tune"], "Which training step.")
 
 # (name, row_len, rows_per_batch, packed): rows chosen so that a batch holds about 256 Beauty users.
 VARIANTS = (
@@ -69,8 +76,10 @@ def padded_batches(data, max_len: int, num_batches: int, seed: int = 0) -> list[
 
 def main(argv):
   del argv
+  stage = _STAGE.value
+  prompt = stage == "prompt_tune"
   cfg = base_config()
-  cfg.optimizer.learning_rate = 1e-3
+  cfg.optimizer.learning_rate = 5e-4 if prompt else 1e-3
   data = io.load_dataset(_DATASET.value)
   source = tfds_builder.data_source(data.source)[0]
   model_cfg = ModelConfig(
@@ -83,23 +92,35 @@ def main(argv):
     ffn=512,
     attention="flow",
     norm="post",
-    attn_dropout=0.5,
+    attn_dropout=0.1 if prompt else 0.5,
     hidden_dropout=0.1,
     user_module=True,
   )
-  loss_cfg = step_lib.LossConfig(kind="bce")
+  loss_cfg = step_lib.LossConfig(kind="ce" if prompt else "bce")
+  prompt_cfg = step_lib.PromptConfig(mode="last", width=1) if prompt else None
+  target_key = "p_targets" if prompt else "targets"
   mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   num_batches = 6
   runs = []
   for name, row_len, rows, packed in VARIANTS:
+    if prompt and not packed:
+      continue
     if packed:
-      it = pipeline.TrainInput(source, max_len=50, row_len=row_len, rows_per_batch=rows, seed=0).epoch_iterator(0)
+      it = pipeline.TrainInput(
+        source,
+        max_len=50,
+        row_len=row_len,
+        rows_per_batch=rows,
+        seed=0,
+        prompt_mode=None if prompt_cfg is None else prompt_cfg.mode,
+        prompt_width=1,
+      ).epoch_iterator(0)
       batches = [next(it) for _ in range(num_batches)]
     else:
       batches = padded_batches(data, 50, num_batches)
     tx = optim.make_optimizer(cfg.optimizer, 1000)
     graphdef, state = step_lib.init_state(RecGPT(model_cfg, rngs=nnx.Rngs(0)), tx, 0)
-    step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, loss_cfg), state, mesh)
+    step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, loss_cfg, prompt_cfg), state, mesh)
     batches = [jax.device_put(b) for b in batches]
     t0 = time.perf_counter()
     state, _ = step(state, batches[0])
@@ -109,8 +130,8 @@ def main(argv):
       state, _ = step(state, b)
     jax.block_until_ready(state)
     users = [int(sum(len(np.unique(r[r > 0])) for r in np.asarray(b["seq_ids"]))) for b in batches]
-    tokens = [int(np.sum(np.asarray(b["targets"]) > 0)) for b in batches]
-    positions = batches[0]["targets"].size
+    tokens = [int(np.sum(np.asarray(b[target_key]) > 0)) for b in batches]
+    positions = batches[0][target_key].size
     runs.append(
       dict(
         name=name,
@@ -157,13 +178,13 @@ def main(argv):
         "tokens_per_s": tok_s,
         "tokens_per_s_median_step": statistics.median(rates),
         "users_per_s": statistics.mean(run["users"]) / statistics.median(run["times"]),
-        "speedup_vs_reference": tok_s / REFERENCE_TOKENS_PER_S,
+        "speedup_vs_reference": tok_s / REFERENCE_TOKENS_PER_S[stage],
         "compile_s": run["compile_s"],
         "timed_steps": len(run["times"]),
       }
     )
   record = {
-    "benchmark": "pretrain_step",
+    "benchmark": f"{stage}_step",
     "command": "python " + " ".join(sys.argv),
     "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     "machine": loop.machine_description(),
@@ -177,24 +198,25 @@ def main(argv):
       "ffn": 512,
       "attention": "flow",
       "max_len": 50,
-      "loss": "bce (1 negative)",
-      "dropout": [0.5, 0.1],
+      "loss": "ce (full softmax)" if prompt else "bce (1 negative)",
+      "dropout": [model_cfg.attn_dropout, model_cfg.hidden_dropout],
+      "prompts": "last, w=1, generated on device every step" if prompt else None,
       "users_per_batch": "~256",
     },
-    "reference_tokens_per_s": REFERENCE_TOKENS_PER_S,
+    "reference_tokens_per_s": REFERENCE_TOKENS_PER_S[stage],
     "results": results,
   }
   out = pathlib.Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "bench_pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
+  (out / f"bench_{stage}.json").write_text(json.dumps(record, indent=2) + "\n")
   lines = [
-    "# Pre-training step, reference configuration (Beauty)",
+    f"# {'Prompt-tuning' if prompt else 'Pre-training'} step, reference configuration ({data.source})",
     "",
     f"`{record['command']}` on {record['date']}, {record['machine']}, jax {jax.__version__},"
     f" commit {record['git_commit']}.",
     "",
     "| layout | rows x len | users/batch | real positions | step (median, min-max) | target tokens/s"
-    " | vs reference (200 tok/s) |",
+    f" | vs reference ({REFERENCE_TOKENS_PER_S[stage]:.0f} tok/s) |",
     "|---|---|---|---|---|---|---|",
   ]
   for r in results:
@@ -204,7 +226,7 @@ def main(argv):
       f"| {r['step_s_median'] * 1e3:.0f} ms ({r['step_s_min'] * 1e3:.0f}-{r['step_s_max'] * 1e3:.0f}) "
       f"| {r['tokens_per_s']:,.0f} | {r['speedup_vs_reference']:.0f}x |"
     )
-  (out / "bench_pretrain.md").write_text("\n".join(lines) + "\n")
+  (out / f"bench_{stage}.md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))
 
 
