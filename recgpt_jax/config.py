@@ -64,6 +64,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.rows_per_batch = 256  # packed rows per evaluation step (row length = train.row_len)
   c.eval.metric = "NDCG@10"  # validation metric used to select the best model
 
+  c.recall = ml_collections.ConfigDict()
+  # Items per interest step m_1..m_S of the multi-interest recall used for evaluation (K = sum). (20,) is
+  # the plain top-20 of the last hidden state; (18, 2) is the paper's two-step recall. Metrics are
+  # reported for the cut-offs 5, 10, 20 that are <= K.
+  c.recall.quotas = (20,)
+
   c.init_from = ""  # prompt_tune: a pre-training workdir whose best (else latest) parameters start the stage
 
   c.prompt = ml_collections.ConfigDict()
@@ -111,5 +117,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   need(c.prompt.head in ("tied", "untied"), f"prompt.head must be 'tied' or 'untied', got {c.prompt.head!r}")
   need(c.prompt.head == "tied" or c.model.untied_head, "prompt.head='untied' needs model.untied_head=True")
   need(c.prompt.hard_negative_weight >= 0, "prompt.hard_negative_weight must be >= 0")
-  metrics = tuple(f"{m}@{k}" for m in ("HR", "NDCG") for k in (5, 10, 20))
-  need(c.eval.metric in metrics, f"eval.metric must be one of {metrics}, got {c.eval.metric!r}")
+  quotas = tuple(c.recall.quotas)
+  need(
+    len(quotas) >= 1 and all(isinstance(m, int) and m >= 1 for m in quotas),
+    f"recall.quotas must be positive ints, got {quotas}",
+  )
+  metrics = tuple(f"{m}@{k}" for m in ("HR", "NDCG") for k in (5, 10, 20) if k <= sum(quotas))
+  need(bool(metrics), f"recall.quotas must recall at least 5 items, got K={sum(quotas)}")
+  need(c.eval.metric in metrics, f"eval.metric must be one of {metrics} (K={sum(quotas)}), got {c.eval.metric!r}")

@@ -19,12 +19,47 @@ from ml_collections import config_flags
 
 from recgpt_jax.errors import UserError
 
-MODES = ("pretrain", "prompt_tune", "evaluate")
+MODES = ("pretrain", "prompt_tune", "evaluate", "recommend")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, metrics and results.")
 _MODE = flags.DEFINE_enum("mode", "pretrain", MODES, "What to do.")
+_USERS = flags.DEFINE_list("users", [], "recommend: user ids to serve (raw ids if the data has an id map).")
+_HISTORY = flags.DEFINE_multi_string(
+  "history", [], "recommend: a raw item history 'i1,i2,...' (oldest first) of an unknown user; repeatable."
+)
+_EXPORT = flags.DEFINE_string("export", None, "recommend: write every user's recommendations to this CSV.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _recommend(config) -> None:
+  from recgpt_jax import recommend
+  from recgpt_jax.errors import UserError
+
+  if not (_USERS.value or _HISTORY.value or _EXPORT.value):
+    raise UserError("--mode=recommend needs --users, --history or --export")
+  histories = []
+  for h in _HISTORY.value:
+    try:
+      histories.append([int(x) for x in h.replace(" ", ",").split(",") if x])
+    except ValueError:
+      raise UserError(f"--history={h!r}: item ids must be integers separated by commas") from None
+  rec = recommend.Recommender(config, _WORKDIR.value)
+  results = []
+  if _USERS.value:
+    results.append(rec.for_users(_USERS.value))
+  if histories:
+    results.append(rec.for_histories(histories))
+  for r in results:
+    for i, (u, items, scores, steps) in enumerate(zip(r.users, r.items, r.scores, r.steps, strict=True)):
+      who = f"user {rec.raw_user(int(u))}" if u else f"history {i + 1}"
+      print(
+        f"{who}: "
+        + " ".join(f"{rec.raw_item(it)}:{sc:.3f}@{st}" for it, sc, st in zip(items, scores, steps, strict=True))
+      )
+  if _EXPORT.value:
+    n = rec.export(_EXPORT.value)
+    print(f"wrote recommendations of {n} users to {_EXPORT.value}")
 
 
 def main(argv: list[str]) -> None:
@@ -43,8 +78,10 @@ def main(argv: list[str]) -> None:
   try:
     if _MODE.value in ("pretrain", "prompt_tune"):
       loop.train_and_evaluate(config, _WORKDIR.value, _MODE.value)
-    else:
+    elif _MODE.value == "evaluate":
       loop.evaluate_only(config, _WORKDIR.value)
+    else:
+      _recommend(config)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(e.exit_code)

@@ -40,7 +40,14 @@ def ranking_metrics(
   """
   scores_uv = exclude_items(scores_uv, exclude_uh)
   _, top_uk = jax.lax.top_k(scores_uv, max(ks))
-  is_answer = top_uk == answer_u[:, None]
+  return list_metrics(top_uk, answer_u, ks)
+
+
+def list_metrics(items_uk: jax.Array, answer_u: jax.Array, ks: Sequence[int] = KS) -> dict[str, jax.Array]:
+  """Per-user HR@k and NDCG@k of ranked recommendation lists ``[users, K]`` (``k <= K``)."""
+  if max(ks) > items_uk.shape[-1]:
+    raise ValueError(f"cut-off {max(ks)} is longer than the {items_uk.shape[-1]} recommended items")
+  is_answer = items_uk == answer_u[:, None]
   found = jnp.any(is_answer, axis=-1)
   rank = jnp.argmax(is_answer, axis=-1)  # 0-based rank of the answer when found
   out = {}
@@ -51,15 +58,22 @@ def ranking_metrics(
   return out
 
 
-def make_eval_step(graphdef: nnx.GraphDef, ks: Sequence[int] = KS, head: str = "tied"):
-  """Returns a jitted ``(params, batch) -> sums`` of each metric over the batch's real users."""
+def make_eval_step(graphdef: nnx.GraphDef, ks: Sequence[int] = KS, head: str = "tied", recall_fn=None):
+  """Returns a jitted ``(params, batch) -> sums`` of each metric over the batch's real users.
+
+  Without ``recall_fn`` the ranking is the full catalogue scored by the last hidden state; with it (a
+  multi-interest recall function of ``recgpt_jax.recall.decoder``) the ranking is its merged list.
+  """
 
   @jax.jit
   def eval_step(params, batch):
-    model = nnx.merge(graphdef, params)
-    hidden = model(batch["items"], batch["positions"], batch["segments"], batch["seq_ids"], batch["users"])
-    user_hidden = hidden[batch["last_row"], batch["last_col"]]  # [users, hidden]
-    per_user = ranking_metrics(model.logits(user_hidden, head), batch["answer"], batch["history"], ks)
+    if recall_fn is not None:
+      per_user = list_metrics(recall_fn(params, batch)["items"], batch["answer"], ks)
+    else:
+      model = nnx.merge(graphdef, params)
+      hidden = model(batch["items"], batch["positions"], batch["segments"], batch["seq_ids"], batch["users"])
+      user_hidden = hidden[batch["last_row"], batch["last_col"]]  # [users, hidden]
+      per_user = ranking_metrics(model.logits(user_hidden, head), batch["answer"], batch["history"], ks)
     real = (batch["answer"] > 0).astype(jnp.float32)
     sums = {name: jnp.sum(v * real) for name, v in per_user.items()}
     sums["users"] = jnp.sum(real)

@@ -5,21 +5,33 @@ per user slot, the hidden state at the user's last history position plus a per-l
 ``decode_step`` appends one token per user (``[U]``-shaped inputs) and processes that single position
 against the state, so ``k`` extra positions cost ``k`` one-token passes instead of ``k`` re-encodings.
 
-Decode state per layer and user:
+The history part of the state stays in the packed-row layout ``[R, heads, row_len, head_dim]``: a
+decode step lays the users' new queries out as ``[R, row_len slots, ...]`` (slot = the user's
+``seq_id`` in its row) and attends to the row with the slot's key mask, so no per-user copy of a row is
+ever made (users average 9 tokens of a 50-token row). Per layer:
 
-* softmax: a KV cache ``[U, heads, row_len + max_steps, head_dim]``: the user's packed row (other users'
-  tokens and padding masked out by ``key_mask``) followed by room for ``max_steps`` appended tokens;
-* flow: the prefix sums of ``attention.flow_attention`` at the user's last token -- ``cs(K)``, ``cs(Q)``,
-  ``cs(K out)``, ``cs(Q in)`` ``[U, heads, head_dim]``, ``cs(exp(src))`` ``[U, heads]`` -- and the matrix
-  ``sum_j K_j (comp_j V_j)^T`` ``[U, heads, head_dim, head_dim]``. In the parallel form every per-token
-  quantity of token ``j`` (``in``, ``out``, ``src``, ``comp``) reads only prefix sums up to ``j`` and
-  ``n_j``, so it is fixed once ``j`` is seen and later tokens only add to the sums: the state has a
-  constant size, whatever the number of steps.
+* softmax: the rows' keys and values ``k``, ``v`` (the KV cache of the histories) and the appended
+  tokens' ``k_new``, ``v_new`` ``[U, heads, max_steps, head_dim]``;
+* flow: the prefix sums of ``attention.flow_attention`` at each user's last token -- ``cs(K)``,
+  ``cs(Q)``, ``cs(K out)``, ``cs(Q in)`` ``[U, heads, head_dim]``, ``cs(exp(src))`` ``[U, heads]`` -- and
+  the matrix ``sum_j K_j (comp_j V_j)^T``, kept in two parts: over the history in factored form, the
+  rows' ``keys`` (``K``) and ``comp_v`` (``comp V``) masked by the user's slot, and over the appended
+  tokens as ``kv`` ``[U, heads, head_dim, head_dim]`` (None when ``max_steps <= 1``). In the parallel
+  form every per-token quantity of token ``j`` (``in``, ``out``, ``src``, ``comp``) reads only prefix
+  sums up to ``j`` and ``n_j``, so it is fixed once ``j`` is seen and later tokens only add to the sums:
+  the state has a constant size, whatever the number of steps. (Forming the history matrix per user
+  would cost a batched ``[U, heads, row_len, d] x [.., d]`` product, about 40% of a whole prefill at the
+  reference size.)
 
 The math is the model's (``transformer.RecGPT``) with dropout off, computed with its own submodules and
-parameters. The last layer of the prefill only evaluates the attention readout, residuals and FFN at the
-users' last positions (other positions feed nothing downstream), which roughly halves a 1-layer prefill.
-Positions are clipped to ``max_len - 1`` exactly as the model does.
+parameters. Attention over the packed rows uses the model's parallel kernels; the last layer then runs
+its output projection, residuals and FFN only at the users' last positions (other positions feed
+nothing downstream), which roughly halves a 1-layer prefill. Positions are clipped to ``max_len - 1``
+exactly as the model does.
+
+Batch contract (as built by ``pack_eval_batches``): ``last_col`` is the user's last token in its row,
+and empty user slots come after the real ones (two slots naming the same row slot share its decode
+queries; the lower slot index wins).
 """
 
 from __future__ import annotations
@@ -43,15 +55,22 @@ class DecodeState:
 
   Attributes:
     layers: one dict per block (see the module docstring for the keys and shapes).
-    key_mask: softmax only (else None), ``[U, cache]`` bool: which cache slots hold the user's keys.
-    cursor: int32 scalar, the next free cache slot (``row_len`` + appended tokens so far).
+    seq_ids: ``[R, row_len]`` int32, the packed rows' ``seq_ids`` (history key masks).
+    owner: ``[R, row_len]`` int32, the user slot whose history is slot ``s`` (0-based) of row ``r``;
+      ``U`` where none.
+    row: ``[U]`` int32, each user's row.
+    slot: ``[U]`` int32, each user's 0-based slot in its row (``seq_id - 1``).
+    cursor: int32 scalar, tokens appended so far (the next slot of ``k_new`` / ``v_new``).
     length: ``[U]`` int32, the user's tokens so far (``n`` of the flow formulas).
     position: ``[U]`` int32, position of the user's last token (the next one usually takes ``+ 1``).
     user: ``[U]`` int32, the user id of each slot.
   """
 
   layers: tuple[LayerState, ...]
-  key_mask: jax.Array | None
+  seq_ids: jax.Array
+  owner: jax.Array
+  row: jax.Array
+  slot: jax.Array
   cursor: jax.Array
   length: jax.Array
   position: jax.Array
@@ -106,23 +125,7 @@ def _merge_heads(attn: attention.MultiHeadAttention, y: jax.Array) -> jax.Array:
   return attn.out(y.reshape(*y.shape[:-2], -1))
 
 
-def _softmax_readout(q_uhd: jax.Array, k_uhcd: jax.Array, v_uhcd: jax.Array, key_mask_uc: jax.Array) -> jax.Array:
-  """One query per user against its cache, as ``attention.softmax_attention`` does it. Returns ``[U, h, d]``."""
-  scale = q_uhd.shape[-1] ** -0.5
-  logits_uhc = jnp.einsum("uhd,uhcd->uhc", q_uhd * scale, k_uhcd)
-  mask_u1c = key_mask_uc[:, None, :]
-  logits_uhc = jnp.where(mask_u1c, logits_uhc, jnp.finfo(logits_uhc.dtype).min)
-  weights_uhc = jax.nn.softmax(logits_uhc, axis=-1) * mask_u1c
-  return jnp.einsum("uhc,uhcd->uhd", weights_uhc, v_uhcd)
-
-
-def _flow_readout(qs_uhd: jax.Array, inflow_uh: jax.Array, alloc_uh: jax.Array, n_u1: jax.Array, kv_uhde: jax.Array):
-  """``y = alloc (Q in / n)^T sum_j K_j (comp_j V_j)^T`` for one query per user. Returns ``[U, h, d]``."""
-  q_scaled = qs_uhd * (inflow_uh / n_u1)[..., None]
-  return alloc_uh[..., None] * jnp.einsum("uhd,uhde->uhe", q_scaled, kv_uhde)
-
-
-def _flow_rows(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, with_output: bool):
+def _flow_rows(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array):
   """Parallel masked flow attention over packed rows, also returning the per-token quantities.
 
   Mirrors ``attention.flow_attention`` (same formulas, same order of operations).
@@ -132,10 +135,9 @@ def _flow_rows(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, with_o
     k: keys.
     v: values.
     mask: ``[r, 1, len, len]`` causal packed mask.
-    with_output: also compute the attention output at every position.
 
   Returns:
-    ``(y, stats)``: ``y`` ``[r, h, len, d]`` (None unless ``with_output``) and a dict of per-token arrays.
+    ``(y, stats)``: the attention output ``[r, h, len, d]`` and a dict of per-token arrays.
   """
   eps = attention.FLOW_EPS
   m_bhij = mask.astype(q.dtype)
@@ -159,13 +161,10 @@ def _flow_rows(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, with_o
   exp_src = jnp.where(valid_bhi, jnp.exp(src), 0.0)
   cs_exp = jnp.einsum("bhij,bhj->bhi", m_bhij, exp_src)
   comp = n_bhi * exp_src / jnp.where(valid_bhi, cs_exp, 1.0)
-  y = None
-  if with_output:
-    q_scaled = qs * (inflow / n_safe)[..., None]
-    weights_bhij = jnp.einsum("bhid,bhjd->bhij", q_scaled, ks) * m_bhij * comp[:, :, None, :]
-    y = alloc[..., None] * jnp.einsum("bhij,bhjd->bhid", weights_bhij, v)
-  stats = dict(qs=qs, ks=ks, inflow=inflow, alloc=alloc, cs_k=cs_k, cs_q=cs_q, cs_kout=cs_kout, cs_qin=cs_qin)
-  stats.update(cs_exp=cs_exp, comp_v=comp[..., None] * v)
+  q_scaled = qs * (inflow / n_safe)[..., None]
+  weights_bhij = jnp.einsum("bhid,bhjd->bhij", q_scaled, ks) * m_bhij * comp[:, :, None, :]
+  y = alloc[..., None] * jnp.einsum("bhij,bhjd->bhid", weights_bhij, v)
+  stats = dict(ks=ks, cs_k=cs_k, cs_q=cs_q, cs_kout=cs_kout, cs_qin=cs_qin, cs_exp=cs_exp, comp_v=comp[..., None] * v)
   return y, stats
 
 
@@ -175,35 +174,31 @@ def _prefill_attention(
   mask: jax.Array,
   last_row: jax.Array,
   last_col: jax.Array,
-  n_u: jax.Array,
   max_steps: int,
   last_layer: bool,
 ) -> tuple[jax.Array, LayerState]:
-  """Attention over packed rows plus the users' decode state.
+  """Attention over packed rows plus the layer's decode state.
 
   Returns:
     The projected attention output -- ``[r, len, hidden]`` for an inner layer, ``[U, hidden]`` at the
     users' last positions for the last layer -- and the layer state.
   """
   q, k, v = (jnp.swapaxes(t, 1, 2) for t in _split_heads(attn, x_rld))  # [r, h, len, d]
-  user_mask_ul = mask[last_row, 0, last_col]  # the last query's keys: exactly the user's tokens
   at_last = lambda t: t[last_row, :, last_col]  # [r, h, len, ...] -> [U, h, ...]
+  num_users, (_, heads, _, dim) = last_row.shape[0], q.shape
   if attn.kind == "softmax":
-    pad = ((0, 0), (0, 0), (0, max_steps), (0, 0))
-    layer = {"k": jnp.pad(k[last_row], pad), "v": jnp.pad(v[last_row], pad)}  # [U, h, len + max_steps, d]
-    if last_layer:
-      return _merge_heads(attn, _softmax_readout(at_last(q), k[last_row], v[last_row], user_mask_ul)), layer
     y = attention.softmax_attention(q, k, v, mask)
+    room = jnp.zeros((num_users, heads, max_steps, dim), q.dtype)
+    layer = {"k": k, "v": v, "k_new": room, "v_new": room}
   else:
-    y, s = _flow_rows(q, k, v, mask, with_output=not last_layer)
+    y, s = _flow_rows(q, k, v, mask)
     layer = {name: at_last(s[name]) for name in ("cs_k", "cs_q", "cs_kout", "cs_qin", "cs_exp")}
-    # The matrix state sums over the user's tokens only: mask the gathered row.
-    keys_uhld = s["ks"][last_row] * user_mask_ul[:, None, :, None].astype(q.dtype)
-    layer["kv"] = jnp.einsum("uhld,uhle->uhde", keys_uhld, s["comp_v"][last_row])
-    if last_layer:
-      n_u1 = n_u[:, None].astype(q.dtype)
-      y_u = _flow_readout(at_last(s["qs"]), at_last(s["inflow"]), at_last(s["alloc"]), n_u1, layer["kv"])
-      return _merge_heads(attn, y_u), layer
+    # One appended token needs no matrix (its own term is exact); carrying a zero matrix through a scan
+    # would cost about a third of a decode step.
+    kv = jnp.zeros((num_users, heads, dim, dim), q.dtype) if max_steps >= 2 else None
+    layer.update(keys=s["ks"], comp_v=s["comp_v"], kv=kv)
+  if last_layer:
+    return _merge_heads(attn, at_last(y)), layer
   return _merge_heads(attn, jnp.swapaxes(y, 1, 2)), layer
 
 
@@ -229,15 +224,15 @@ def prefill(
     seq_ids: ``[R, L]``.
     users: ``[R, L]``.
     last_row: ``[U]`` row of each user slot's last token.
-    last_col: ``[U]`` column of each user slot's last token. Empty slots may point at any real token;
-      their outputs are then meaningless.
-    max_steps: how many tokens ``decode_step`` may append (static; sizes the softmax cache, unused by
-      flow). Appending more overwrites the last cache slot.
+    last_col: ``[U]`` column of each user slot's last token (see the batch contract in the module
+      docstring). Empty slots may point at any real token; their outputs are then meaningless.
+    max_steps: how many tokens ``decode_step`` may append (static). Sizes the softmax cache of appended
+      tokens (appending more overwrites its last slot); flow only needs to know whether it is >= 2 (with
+      fewer, later tokens would not see the earlier appended ones).
 
   Returns:
     ``hidden_ud`` ``[U, hidden]`` (the model's output at each user's last position) and the state.
   """
-  n_u = jnp.sum(seq_ids[last_row] == seq_ids[last_row, last_col][:, None], axis=-1).astype(jnp.int32)  # [U]
   x = _embed(model, items, positions, segments, users)  # [R, L, hidden]
   mask = attention.causal_packed_mask(seq_ids)
   layers = []
@@ -249,7 +244,6 @@ def prefill(
       mask=mask,
       last_row=last_row,
       last_col=last_col,
-      n_u=n_u,
       max_steps=max_steps,
       last_layer=last_layer,
     )
@@ -258,34 +252,65 @@ def prefill(
     layers.append(layer)
   if model.final_norm is not None:
     x = model.final_norm(x)
-  key_mask = None
-  if model.cfg.attention == "softmax":
-    key_mask = jnp.pad(mask[last_row, 0, last_col], ((0, 0), (0, max_steps)))  # [U, L + max_steps]
+  num_users = last_row.shape[0]
+  slot = jnp.maximum(seq_ids[last_row, last_col] - 1, 0)
+  # Lowest user slot wins a shared row slot, so trailing empty slots never displace a real user.
+  owner = jnp.full(seq_ids.shape, num_users, jnp.int32).at[last_row, slot].min(jnp.arange(num_users, dtype=jnp.int32))
   state = DecodeState(
     layers=tuple(layers),
-    key_mask=key_mask,
-    cursor=jnp.asarray(seq_ids.shape[1], jnp.int32),
-    length=n_u,
+    seq_ids=seq_ids,
+    owner=owner,
+    row=last_row,
+    slot=slot,
+    cursor=jnp.zeros((), jnp.int32),
+    length=jnp.sum(mask[last_row, 0, last_col], axis=-1, dtype=jnp.int32),
     position=positions[last_row, last_col],
     user=users[last_row, last_col],
   )
   return x, state
 
 
+def _history_scores(state: DecodeState, q_uhd: jax.Array, keys_rhld: jax.Array) -> jax.Array:
+  """``<q_u, key_l>`` for every key ``l`` of each user's row, computed row by row. Returns ``[U, h, len]``."""
+  q_rshd = q_uhd[jnp.minimum(state.owner, q_uhd.shape[0] - 1)]  # queries laid out by (row, slot)
+  return jnp.einsum("rshd,rhld->rshl", q_rshd, keys_rhld)[state.row, state.slot]
+
+
+def _history_mix(state: DecodeState, w_uhl: jax.Array, values_rhld: jax.Array) -> jax.Array:
+  """``sum_l w_l value_l`` over each user's row, computed row by row. Returns ``[U, h, d]``."""
+  w_rshl = w_uhl[jnp.minimum(state.owner, w_uhl.shape[0] - 1)]
+  return jnp.einsum("rshl,rhld->rshd", w_rshl, values_rhld)[state.row, state.slot]
+
+
 def _decode_attention(
   attn: attention.MultiHeadAttention,
   x_ud: jax.Array,
   layer: LayerState,
-  key_mask: jax.Array | None,
-  cursor: jax.Array,
+  state: DecodeState,
   length: jax.Array,
 ) -> tuple[jax.Array, LayerState]:
-  """Attention of one new token per user against the layer state; returns (``[U, hidden]``, new state)."""
+  """Attention of one new token per user against the layer state; returns (``[U, hidden]``, new state).
+
+  The output reads the old state plus the new token's own terms, not the updated state, so when the new
+  state is not used afterwards (the last step) ``jit`` skips building it.
+  """
   q, k, v = _split_heads(attn, x_ud)  # [U, h, d]
+  history_mask_u1l = (state.seq_ids[state.row] == state.slot[:, None] + 1)[:, None, :]
   if attn.kind == "softmax":
-    k_cache = jax.lax.dynamic_update_slice_in_dim(layer["k"], k[:, :, None], cursor, axis=2)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(layer["v"], v[:, :, None], cursor, axis=2)
-    return _merge_heads(attn, _softmax_readout(q, k_cache, v_cache, key_mask)), {"k": k_cache, "v": v_cache}
+    k_new = jax.lax.dynamic_update_slice_in_dim(layer["k_new"], k[:, :, None], state.cursor, axis=2)
+    v_new = jax.lax.dynamic_update_slice_in_dim(layer["v_new"], v[:, :, None], state.cursor, axis=2)
+    q = q * q.shape[-1] ** -0.5
+    logits_uhc = jnp.concatenate(
+      [_history_scores(state, q, layer["k"]), jnp.einsum("uhd,uhtd->uht", q, k_new)], axis=-1
+    )
+    new_mask_u1t = jnp.broadcast_to(jnp.arange(k_new.shape[2]) <= state.cursor, (q.shape[0], 1, k_new.shape[2]))
+    mask_u1c = jnp.concatenate([history_mask_u1l, new_mask_u1t], axis=-1)
+    logits_uhc = jnp.where(mask_u1c, logits_uhc, jnp.finfo(logits_uhc.dtype).min)
+    weights_uhc = jax.nn.softmax(logits_uhc, axis=-1) * mask_u1c
+    length_hist = history_mask_u1l.shape[-1]
+    y = _history_mix(state, weights_uhc[..., :length_hist], layer["v"])
+    y = y + jnp.einsum("uht,uhtd->uhd", weights_uhc[..., length_hist:], v_new)
+    return _merge_heads(attn, y), {**layer, "k_new": k_new, "v_new": v_new}
   eps = attention.FLOW_EPS
   n = length[:, None].astype(x_ud.dtype)  # [U, 1], the count including the new token
   qs, ks = jax.nn.sigmoid(q), jax.nn.sigmoid(k)
@@ -298,10 +323,17 @@ def _decode_attention(
   src = jnp.clip(jnp.sum((ks + eps) * (cs_qin + eps), axis=-1) / n, -1.0, 1.0)
   exp_src = jnp.exp(src)
   cs_exp = layer["cs_exp"] + exp_src
-  comp = n * exp_src / cs_exp
-  kv = layer["kv"] + jnp.einsum("uhd,uhe->uhde", ks, comp[..., None] * v)
-  y = _flow_readout(qs, inflow, jax.nn.sigmoid(sink), n, kv)
-  new = dict(cs_k=cs_k, cs_q=cs_q, cs_kout=cs_kout, cs_qin=cs_qin, cs_exp=cs_exp, kv=kv)
+  comp_v = (n * exp_src / cs_exp)[..., None] * v  # comp of the new token times its value
+  # y = alloc (Q in / n)^T (history matrix + kv + K comp V^T), without forming any of the matrices.
+  q_scaled = qs * (inflow / n)[..., None]
+  history = _history_mix(state, _history_scores(state, q_scaled, layer["keys"]) * history_mask_u1l, layer["comp_v"])
+  own = jnp.sum(q_scaled * ks, axis=-1, keepdims=True) * comp_v
+  kv = layer["kv"]
+  if kv is not None:
+    own = own + jnp.einsum("uhd,uhde->uhe", q_scaled, kv)
+    kv = kv + jnp.einsum("uhd,uhe->uhde", ks, comp_v)
+  y = jax.nn.sigmoid(sink)[..., None] * (history + own)
+  new = {**layer, "cs_k": cs_k, "cs_q": cs_q, "cs_kout": cs_kout, "cs_qin": cs_qin, "cs_exp": cs_exp, "kv": kv}
   return _merge_heads(attn, y), new
 
 
@@ -328,24 +360,11 @@ def decode_step(
   """
   x = _embed(model, items, positions, segments, users)  # [U, hidden]
   length = state.length + 1
-  key_mask = state.key_mask
-  if key_mask is not None:
-    key_mask = jax.lax.dynamic_update_slice_in_dim(key_mask, jnp.ones((key_mask.shape[0], 1), bool), state.cursor, 1)
   layers = []
   for block, layer in zip(model.blocks, state.layers, strict=True):
-    attend = functools.partial(
-      _decode_attention, block.attn, layer=layer, key_mask=key_mask, cursor=state.cursor, length=length
-    )
+    attend = functools.partial(_decode_attention, block.attn, layer=layer, state=state, length=length)
     x, layer = _block_forward(block, x, attend, lambda t: t)
     layers.append(layer)
   if model.final_norm is not None:
     x = model.final_norm(x)
-  new_state = DecodeState(
-    layers=tuple(layers),
-    key_mask=key_mask,
-    cursor=state.cursor + 1,
-    length=length,
-    position=positions,
-    user=users,
-  )
-  return x, new_state
+  return x, state.replace(layers=tuple(layers), cursor=state.cursor + 1, length=length, position=positions, user=users)

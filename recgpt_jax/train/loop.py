@@ -27,6 +27,7 @@ from recgpt_jax.data import io, packing, pipeline, split, tfds_builder
 from recgpt_jax.errors import ConfigError, UserError
 from recgpt_jax.eval import metrics as metrics_lib
 from recgpt_jax.model.transformer import ModelConfig, RecGPT
+from recgpt_jax.recall import decoder
 from recgpt_jax.train import optim
 from recgpt_jax.train import step as step_lib
 from recgpt_jax.train.checkpoint import RunCheckpoints
@@ -138,7 +139,11 @@ class Run:
     step_fn = step_lib.make_train_step(self.graphdef, self.tx, self.loss_cfg, self.prompt_cfg)
     self.state = jax.device_put(self.state, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
     self.train_step = step_lib.jit_train_step(step_fn, self.state, self.mesh)
-    self.eval_step = metrics_lib.make_eval_step(self.graphdef, head="tied")
+    quotas = tuple(c.recall.quotas)
+    self.ks = tuple(k for k in metrics_lib.KS if k <= sum(quotas))
+    self.metric_names = tuple(f"{m}@{k}" for m in ("HR", "NDCG") for k in self.ks)
+    recall_fn = decoder.make_recall_fn(self.graphdef, quotas) if len(quotas) > 1 else None
+    self.eval_step = metrics_lib.make_eval_step(self.graphdef, self.ks, head="tied", recall_fn=recall_fn)
     self.ckpt = RunCheckpoints(self.workdir, keep=c.train.keep_checkpoints)
 
   def _check_workdir_compatible(self) -> None:
@@ -149,13 +154,11 @@ class Run:
       old = json.loads(saved.read_text())
     except (OSError, json.JSONDecodeError):
       return
-    new = json.loads(self.config.to_json())
-    for field in _COMPAT_FIELDS:
-      if old.get(field) != new.get(field):
-        raise ConfigError(
-          f"workdir {self.workdir} holds a run with a different {field!r} "
-          f"({old.get(field)!r} != {new.get(field)!r}); use a new --workdir"
-        )
+    field, differ = _incompatible(old, json.loads(self.config.to_json()))
+    if field:
+      raise ConfigError(
+        f"workdir {self.workdir} holds a run with a different {field} ({', '.join(differ)}); use a new --workdir"
+      )
 
   def warm_start_params(self, target_params: dict) -> dict:
     """Parameters of the pre-training run ``config.init_from``: its best model, else its latest state."""
@@ -166,15 +169,9 @@ class Run:
     saved = src / "config.json"
     if not saved.exists():
       raise ConfigError(f"--config.init_from={src} is not a run directory (no config.json)")
-    old, new = json.loads(saved.read_text()), json.loads(self.config.to_json())
-    for field in _COMPAT_FIELDS:
-      if field == "model":
-        # Dropout rates may change between stages; the architecture may not.
-        differ = [k for k in new["model"] if "dropout" not in k and old["model"].get(k) != new["model"][k]]
-      else:
-        differ = [field] if old.get(field) != new.get(field) else []
-      if differ:
-        raise ConfigError(f"--config.init_from={src} was trained with a different {field} ({', '.join(differ)})")
+    field, differ = _incompatible(json.loads(saved.read_text()), json.loads(self.config.to_json()))
+    if field:
+      raise ConfigError(f"--config.init_from={src} was trained with a different {field} ({', '.join(differ)})")
     ckpt = RunCheckpoints(src, keep=self.config.train.keep_checkpoints)
     if ckpt.has_best():
       params, meta = ckpt.restore_best(target_params)
@@ -190,6 +187,25 @@ class Run:
 
   def evaluate(self, params, stage: str) -> dict[str, float]:
     return metrics_lib.evaluate(self.eval_step, params, self.eval_batches[stage])
+
+
+def _incompatible(old: dict, new: dict) -> tuple[str | None, list[str]]:
+  """The first config field whose change makes a saved model unusable, and what changed in it.
+
+  Dropout rates may change (between stages, or for evaluation); data and architecture may not.
+  """
+  for field in _COMPAT_FIELDS:
+    if field == "model":
+      differ = [
+        f"{k}: {old.get('model', {}).get(k)!r} != {v!r}"
+        for k, v in new["model"].items()
+        if "dropout" not in k and old.get("model", {}).get(k) != v
+      ]
+    else:
+      differ = [f"{old.get(field)!r} != {new.get(field)!r}"] if old.get(field) != new.get(field) else []
+    if differ:
+      return field, differ
+  return None, []
 
 
 class MetricsLog:
@@ -296,7 +312,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: s
     if (epoch + 1) % c.train.eval_every_epochs == 0 or epoch + 1 == c.train.num_epochs:
       valid = run.evaluate(state.params, "valid")
       log.write(step, {f"valid/{k}": v for k, v in valid.items()} | {"epoch": epoch + 1})
-      line += f", valid HR@10 {valid['HR@10']:.4f} NDCG@10 {valid['NDCG@10']:.4f}"
+      line += ", valid " + " ".join(
+        f"{k} {valid[k]:.4f}" for k in dict.fromkeys(("HR@10", "NDCG@10", metric)) if k in valid
+      )
       meta["history"] = meta["history"] + [{"epoch": epoch + 1, "step": step, **valid}]
       if meta["best"] is None or valid[metric] > meta["best"][metric]:
         meta["best"] = {"epoch": epoch + 1, "step": step, **valid}
@@ -353,21 +371,21 @@ def _final_report(run: Run, state, c, wd: pathlib.Path, wall_time: float | None,
     "wall_time_s": None if wall_time is None else round(wall_time, 1),
     "epochs": None if best_meta is None else best_meta.get("epoch"),
     "best_step": None if best_meta is None else best_meta.get("step"),
-    "valid": {k: valid[k] for k in metrics_lib.METRIC_NAMES},
-    "test": {k: test[k] for k in metrics_lib.METRIC_NAMES},
+    "valid": {k: valid[k] for k in run.metric_names},
+    "test": {k: test[k] for k in run.metric_names},
     "test_users": test["users"],
   }
   text = json.dumps(record, indent=2) + "\n"
   _atomic_write(wd / "results.json", text)
   if c.results_dir:
     _atomic_write(pathlib.Path(c.results_dir) / f"{c.name}.json", text)
-  print(_format_metrics("valid", valid))
-  print(_format_metrics("test", test))
+  print(_format_metrics("valid", valid, run.metric_names))
+  print(_format_metrics("test", test, run.metric_names))
   return record
 
 
-def _format_metrics(stage: str, m: dict[str, float]) -> str:
-  return f"{stage:5s} " + "  ".join(f"{k} {m[k]:.4f}" for k in metrics_lib.METRIC_NAMES)
+def _format_metrics(stage: str, m: dict[str, float], names) -> str:
+  return f"{stage:5s} " + "  ".join(f"{k} {m[k]:.4f}" for k in names)
 
 
 def _argv() -> list[str]:

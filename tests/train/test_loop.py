@@ -173,3 +173,20 @@ def test_prompt_tuning_needs_a_pretrained_run(dataset, tmp_path):
     loop.train_and_evaluate(
       tiny_config(dataset, **{"init_from": str(pre), "model.hidden": 32}), str(tmp_path / "pt2"), "prompt_tune"
     )
+
+
+def test_two_step_recall_evaluation(dataset, tmp_path):
+  wd = tmp_path / "run"
+  loop.train_and_evaluate(tiny_config(dataset, **{"train.num_epochs": 2}), str(wd))
+  plain = loop.Run(tiny_config(dataset, **{"train.num_epochs": 2}), wd)
+  params, _ = plain.ckpt.restore_best(plain.state.params)
+  two = loop.Run(tiny_config(dataset, **{"train.num_epochs": 2, "recall.quotas": (18, 2)}), wd)
+  small = loop.Run(
+    tiny_config(dataset, **{"train.num_epochs": 2, "recall.quotas": (4, 2), "eval.metric": "NDCG@5"}), wd
+  )
+  m_plain, m_two, m_small = (r.evaluate(params, "test") for r in (plain, two, small))
+  # The first 18 items of the two-step list are the plain top-18: every cut-off up to 10 agrees.
+  for k in ("HR@5", "HR@10", "NDCG@5", "NDCG@10"):
+    assert m_two[k] == pytest.approx(m_plain[k], abs=1e-7), k
+  assert m_two["HR@20"] >= m_two["HR@10"]
+  assert set(m_small) == {"HR@5", "NDCG@5", "users"}
