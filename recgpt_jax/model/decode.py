@@ -193,8 +193,8 @@ def _prefill_attention(
   else:
     y, s = _flow_rows(q, k, v, mask)
     layer = {name: at_last(s[name]) for name in ("cs_k", "cs_q", "cs_kout", "cs_qin", "cs_exp")}
-    # One appended token needs no matrix (its own term is exact); carrying a zero matrix through a scan
-    # would cost about a third of a decode step.
+    # One appended token needs no matrix (its own term is exact); a zero [U, h, d, d] matrix carried
+    # through a scan would cost more than the decode step itself.
     kv = jnp.zeros((num_users, heads, dim, dim), q.dtype) if max_steps >= 2 else None
     layer.update(keys=s["ks"], comp_v=s["comp_v"], kv=kv)
   if last_layer:
