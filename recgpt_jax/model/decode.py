@@ -77,15 +77,6 @@ class DecodeState:
   user: jax.Array
 
 
-def _embed(model: RecGPT, items: jax.Array, positions: jax.Array, segments: jax.Array, users: jax.Array) -> jax.Array:
-  """The model's input embedding (item + position + segment + user, then LayerNorm), any leading shape."""
-  x = model.item_embed(items) + model.pos_embed(jnp.clip(positions, 0, model.cfg.max_len - 1))
-  x = x + model.seg_embed(segments)
-  if model.user_embed is not None:
-    x = x + model.user_embed(users)
-  return model.embed_norm(x)
-
-
 def _block_forward(
   block: Block,
   x: jax.Array,
@@ -103,7 +94,7 @@ def _block_forward(
   Returns:
     The block output at the selected positions and the layer state.
   """
-  ffn = lambda h: block.ffn_out(jax.nn.gelu(block.ffn_in(h), approximate=False))
+  ffn = block.ffn
   if block.pre_norm:
     a, layer = attend(block.norm1(x))
     x = select(x) + a
@@ -233,7 +224,7 @@ def prefill(
   Returns:
     ``hidden_ud`` ``[U, hidden]`` (the model's output at each user's last position) and the state.
   """
-  x = _embed(model, items, positions, segments, users)  # [R, L, hidden]
+  x = model.embed(items, positions, segments, users)  # [R, L, hidden]
   mask = attention.causal_packed_mask(seq_ids)
   layers = []
   for i, block in enumerate(model.blocks):
@@ -358,7 +349,7 @@ def decode_step(
   Returns:
     ``hidden_ud`` ``[U, hidden]``, the model's output at the new position, and the updated state.
   """
-  x = _embed(model, items, positions, segments, users)  # [U, hidden]
+  x = model.embed(items, positions, segments, users)  # [U, hidden]
   length = state.length + 1
   layers = []
   for block, layer in zip(model.blocks, state.layers, strict=True):

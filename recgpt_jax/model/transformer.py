@@ -65,9 +65,13 @@ class Block(nnx.Module):
     self.ffn_out = nnx.Linear(cfg.ffn, cfg.hidden, kernel_init=init, rngs=rngs)
     self.norm2 = nnx.LayerNorm(cfg.hidden, epsilon=1e-12, rngs=rngs)
 
+  def ffn(self, h: jax.Array) -> jax.Array:
+    """The position-wise feed-forward branch (GELU), without dropout."""
+    return self.ffn_out(jax.nn.gelu(self.ffn_in(h), approximate=False))
+
   def __call__(self, x: jax.Array, mask: jax.Array, key: jax.Array | None) -> jax.Array:
     keys = jax.random.split(key, 4) if key is not None else [None] * 4
-    ffn = lambda h: self.ffn_out(jax.nn.gelu(self.ffn_in(h), approximate=False))
+    ffn = self.ffn
     if self.pre_norm:
       x = x + dropout(self.attn(self.norm1(x), mask, keys[0]), self.hidden_dropout, keys[1])
       return x + dropout(ffn(self.norm2(x)), self.hidden_dropout, keys[2])
@@ -117,22 +121,28 @@ class RecGPT(nnx.Module):
       ``[rows, len, hidden]`` hidden states; padding positions carry no information.
     """
     keys = jax.random.split(dropout_key, self.cfg.num_layers + 2) if dropout_key is not None else None
-    x_rld = self.item_embed(items) + self.pos_embed(jnp.clip(positions, 0, self.cfg.max_len - 1))
-    x_rld = x_rld + self.seg_embed(segments)
-    if self.user_embed is not None:
-      if keys is not None and self.cfg.user_dropout > 0:
-        # One draw per (row, user slot), so all of a user's tokens lose the user vector together; the
-        # unknown-user row 0 learns a generic user and the model cannot lean on memorised user vectors.
-        drop_rs = jax.random.bernoulli(keys[-2], self.cfg.user_dropout, (users.shape[0], users.shape[1] + 1))
-        users = jnp.where(jnp.take_along_axis(drop_rs, seq_ids, axis=1), 0, users)
-      x_rld = x_rld + self.user_embed(users)
-    x_rld = dropout(self.embed_norm(x_rld), self.cfg.hidden_dropout, None if keys is None else keys[-1])
+    if self.user_embed is not None and keys is not None and self.cfg.user_dropout > 0:
+      # One draw per (row, user slot), so all of a user's tokens lose the user vector together; the
+      # unknown-user row 0 learns a generic user and the model cannot lean on memorised user vectors.
+      drop_rs = jax.random.bernoulli(keys[-2], self.cfg.user_dropout, (users.shape[0], users.shape[1] + 1))
+      users = jnp.where(jnp.take_along_axis(drop_rs, seq_ids, axis=1), 0, users)
+    x_rld = dropout(
+      self.embed(items, positions, segments, users), self.cfg.hidden_dropout, None if keys is None else keys[-1]
+    )
     mask = causal_packed_mask(seq_ids)
     for i, block in enumerate(self.blocks):
       x_rld = block(x_rld, mask, None if keys is None else keys[i])
     if self.final_norm is not None:
       x_rld = self.final_norm(x_rld)
     return x_rld
+
+  def embed(self, items: jax.Array, positions: jax.Array, segments: jax.Array, users: jax.Array) -> jax.Array:
+    """Input embedding of tokens of any leading shape: LN(item + position + segment + user), no dropout."""
+    x = self.item_embed(items) + self.pos_embed(jnp.clip(positions, 0, self.cfg.max_len - 1))
+    x = x + self.seg_embed(segments)
+    if self.user_embed is not None:
+      x = x + self.user_embed(users)
+    return self.embed_norm(x)
 
   def item_table(self) -> jax.Array:
     """The ``[num_items + 1, hidden]`` table used by the tied head (row 0 = padding)."""
