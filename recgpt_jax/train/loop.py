@@ -273,63 +273,67 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: s
   step = int(jax.device_get(state.step))
   stop = bool(c.train.max_steps and step >= c.train.max_steps)
   metric = c.eval.metric
-  while meta["epoch"] < c.train.num_epochs and not stop:
-    epoch = meta["epoch"]
-    it = run.train_input.epoch_iterator(epoch)
-    if meta["iterator"] is not None:
-      it.set_state(meta["iterator"])
-    bar = _progress(run.steps_per_epoch, f"epoch {epoch + 1}/{c.train.num_epochs}")
-    pending = None  # metrics of the previous step, read one step late so the host never waits
-    last_loss = float("nan")
-    window_tokens, window_t0 = 0, time.time()
-    for batch in it:
-      state, out = run.train_step(state, batch)
-      step += 1
+  try:
+    while meta["epoch"] < c.train.num_epochs and not stop:
+      epoch = meta["epoch"]
+      it = run.train_input.epoch_iterator(epoch)
+      if meta["iterator"] is not None:
+        it.set_state(meta["iterator"])
+      bar = _progress(run.steps_per_epoch, f"epoch {epoch + 1}/{c.train.num_epochs}")
+      pending = None  # metrics of the previous step, read one step late so the host never waits
+      last_loss = float("nan")
+      window_tokens, window_t0 = 0, time.time()
+      for batch in it:
+        state, out = run.train_step(state, batch)
+        step += 1
+        if pending is not None:
+          last_loss = _report(pending, log, bar, window_tokens / max(time.time() - window_t0, 1e-9), c)
+        pending = (step, out)
+        window_tokens += int(np.sum(batch["targets"] > 0))
+        bar.update(1)
+        if step % c.train.checkpoint_every_steps == 0:
+          # Check this step's loss before saving it, so a diverged state is never checkpointed.
+          last_loss = _report(pending, log, bar, window_tokens / max(time.time() - window_t0, 1e-9), c)
+          pending = None
+          run.ckpt.save(state, {**meta, "iterator": it.get_state()})
+        if c.train.max_steps and step >= c.train.max_steps:
+          stop = True
+          break
+      bar.close()
       if pending is not None:
         last_loss = _report(pending, log, bar, window_tokens / max(time.time() - window_t0, 1e-9), c)
-      pending = (step, out)
-      window_tokens += int(np.sum(batch["targets"] > 0))
-      bar.update(1)
-      if step % c.train.checkpoint_every_steps == 0:
-        # Check this step's loss before saving it, so a diverged state is never checkpointed.
-        last_loss = _report(pending, log, bar, window_tokens / max(time.time() - window_t0, 1e-9), c)
-        pending = None
-        run.ckpt.save(state, {**meta, "iterator": it.get_state()})
-      if c.train.max_steps and step >= c.train.max_steps:
-        stop = True
+      if stop:
+        if run.ckpt.latest_step() != step:
+          run.ckpt.save(state, {**meta, "iterator": it.get_state()})
+        print(f"stopped at train.max_steps={c.train.max_steps}", flush=True)
         break
-    bar.close()
-    if pending is not None:
-      last_loss = _report(pending, log, bar, window_tokens / max(time.time() - window_t0, 1e-9), c)
-    if stop:
-      if run.ckpt.latest_step() != step:
-        run.ckpt.save(state, {**meta, "iterator": it.get_state()})
-      print(f"stopped at train.max_steps={c.train.max_steps}", flush=True)
-      break
-    meta = {**meta, "epoch": epoch + 1, "iterator": None}
-    epoch_tok_s = window_tokens / max(time.time() - window_t0, 1e-9)
-    line = f"epoch {epoch + 1}: loss {last_loss:.4f}, {epoch_tok_s:,.0f} tokens/s"
-    if (epoch + 1) % c.train.eval_every_epochs == 0 or epoch + 1 == c.train.num_epochs:
-      valid = run.evaluate(state.params, "valid")
-      log.write(step, {f"valid/{k}": v for k, v in valid.items()} | {"epoch": epoch + 1})
-      line += ", valid " + " ".join(
-        f"{k} {valid[k]:.4f}" for k in dict.fromkeys(("HR@10", "NDCG@10", metric)) if k in valid
-      )
-      meta["history"] = meta["history"] + [{"epoch": epoch + 1, "step": step, **valid}]
-      if meta["best"] is None or valid[metric] > meta["best"][metric]:
-        meta["best"] = {"epoch": epoch + 1, "step": step, **valid}
-        meta["bad_evals"] = 0
-        run.ckpt.save_best(step, state.params, meta["best"])
-        line += " (best)"
-      else:
-        meta["bad_evals"] += 1
-        if c.train.patience and meta["bad_evals"] >= c.train.patience:
-          line += f"; early stop: no {metric} gain in {c.train.patience} validations"
-          stop = True
-    print(line, flush=True)
-    run.ckpt.save(state, meta)
-  run.ckpt.wait()
-  log.close()
+      meta = {**meta, "epoch": epoch + 1, "iterator": None}
+      epoch_tok_s = window_tokens / max(time.time() - window_t0, 1e-9)
+      line = f"epoch {epoch + 1}: loss {last_loss:.4f}, {epoch_tok_s:,.0f} tokens/s"
+      if (epoch + 1) % c.train.eval_every_epochs == 0 or epoch + 1 == c.train.num_epochs:
+        valid = run.evaluate(state.params, "valid")
+        log.write(step, {f"valid/{k}": v for k, v in valid.items()} | {"epoch": epoch + 1})
+        line += ", valid " + " ".join(
+          f"{k} {valid[k]:.4f}" for k in dict.fromkeys(("HR@10", "NDCG@10", metric)) if k in valid
+        )
+        meta["history"] = meta["history"] + [{"epoch": epoch + 1, "step": step, **valid}]
+        if meta["best"] is None or valid[metric] > meta["best"][metric]:
+          meta["best"] = {"epoch": epoch + 1, "step": step, **valid}
+          meta["bad_evals"] = 0
+          run.ckpt.save_best(step, state.params, meta["best"])
+          line += " (best)"
+        else:
+          meta["bad_evals"] += 1
+          if c.train.patience and meta["bad_evals"] >= c.train.patience:
+            line += f"; early stop: no {metric} gain in {c.train.patience} validations"
+            stop = True
+      print(line, flush=True)
+      run.ckpt.save(state, meta)
+  finally:
+    # An interrupted run still completes the checkpoint it was writing (a hard kill leaves the
+    # previous one, which is just as exact a resume point).
+    run.ckpt.wait()
+    log.close()
   train_time = time.time() - t_start
   return _final_report(run, state, c, wd, train_time)
 

@@ -63,11 +63,18 @@ def _final_state(workdir):
   return mgr.latest_step(), out.state
 
 
-def test_interrupted_run_resumes_exactly(dataset, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stage", ["pretrain", "prompt_tune"])
+def test_interrupted_run_resumes_exactly(dataset, tmp_path, monkeypatch, stage):
   cfg = tiny_config(dataset, **{"train.num_epochs": 3})
-  loop.train_and_evaluate(cfg, str(tmp_path / "straight"))
+  if stage == "prompt_tune":
+    loop.train_and_evaluate(tiny_config(dataset, **{"train.num_epochs": 1}), str(tmp_path / "pre"))
+    cfg = tiny_config(
+      dataset, **{"train.num_epochs": 3, "init_from": str(tmp_path / "pre"), "prompt.mode": "interleave"}
+    )
+  loop.train_and_evaluate(cfg, str(tmp_path / "straight"), stage)
 
-  # Same command, killed at its 8th step (mid-epoch, after the checkpoint of step 6), then run again.
+  # Same command, killed at its 10th step (in the second epoch, after the checkpoint of step 9), then
+  # run again: it resumes mid-epoch from the pipeline position saved with the checkpoint.
   real_jit = step_lib.jit_train_step
 
   def crashing_jit(*args, **kwargs):
@@ -76,7 +83,7 @@ def test_interrupted_run_resumes_exactly(dataset, tmp_path, monkeypatch):
 
     def step(state, batch):
       calls["n"] += 1
-      if calls["n"] == 8:
+      if calls["n"] == 10:
         raise KeyboardInterrupt
       return fn(state, batch)
 
@@ -84,17 +91,17 @@ def test_interrupted_run_resumes_exactly(dataset, tmp_path, monkeypatch):
 
   monkeypatch.setattr(step_lib, "jit_train_step", crashing_jit)
   with pytest.raises(KeyboardInterrupt):
-    loop.train_and_evaluate(cfg, str(tmp_path / "resumed"))
+    loop.train_and_evaluate(cfg, str(tmp_path / "resumed"), stage)
   monkeypatch.setattr(step_lib, "jit_train_step", real_jit)
-  assert _final_state(tmp_path / "resumed")[0] == 6
-  loop.train_and_evaluate(cfg, str(tmp_path / "resumed"))
+  assert _final_state(tmp_path / "resumed")[0] == 9
+  loop.train_and_evaluate(cfg, str(tmp_path / "resumed"), stage)
 
   step_a, state_a = _final_state(tmp_path / "straight")
   step_b, state_b = _final_state(tmp_path / "resumed")
   assert step_a == step_b
   leaves_a, leaves_b = jax.tree.leaves(state_a), jax.tree.leaves(state_b)
   assert len(leaves_a) == len(leaves_b)
-  for a, b in zip(leaves_a, leaves_b, strict=False):
+  for a, b in zip(leaves_a, leaves_b, strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   results_a = json.loads((tmp_path / "straight" / "results.json").read_text())
   results_b = json.loads((tmp_path / "resumed" / "results.json").read_text())
