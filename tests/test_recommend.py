@@ -71,6 +71,7 @@ def test_cli_recommend(served, tmp_path):
   args = [a for a in args if not a.startswith("--config.train.num_epochs")] + [
     "--config.train.num_epochs=3",
     "--config.recall.quotas=(8,4)",
+    "--config.model.user_module=True",
     "--mode=recommend",
   ]
   proc = cli(*args, "--users=1,2", "--history=3,4,5")
