@@ -26,6 +26,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding the train
 _NAME = flags.DEFINE_string("name", None, "Results file name (without .json).")
 _KS = flags.DEFINE_list("ks", ["5", "10", "20"], "Cut-offs K to sweep.")
 _OUT = flags.DEFINE_string("out", "experiments/results", "Results directory.")
+_ALSO = flags.DEFINE_multi_string("also", ["18,2"], "Quotas also scored on test whatever valid prefers.")
 flags.mark_flags_as_required(["config", "workdir", "name"])
 
 
@@ -56,7 +57,8 @@ def main(argv):
     candidates = [(k,)] + [(m, k - m) for m in range(k - 1, 0, -1)]
     valid = {q: evaluate(q, "valid")[f"NDCG@{k}"] for q in candidates}
     best = max(candidates, key=lambda q: (valid[q], -len(q)))
-    for q in dict.fromkeys([(k,), best]):
+    also = [tuple(int(m) for m in a.split(",")) for a in _ALSO.value]
+    for q in dict.fromkeys([(k,), best, *(a for a in also if sum(a) == k)]):
       test = evaluate(q, "test")
       rows.append(
         {"K": k, "quotas": list(q), "valid_NDCG": valid[q], "test": {n: v for n, v in test.items() if n != "users"}}
