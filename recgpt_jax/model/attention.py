@@ -63,7 +63,7 @@ def softmax_attention(
   return jnp.einsum("bhij,bhjd->bhid", weights_bhij, v)
 
 
-def flow_attention(
+def flow_attention_parts(
   q: jax.Array,
   k: jax.Array,
   v: jax.Array,
@@ -71,7 +71,7 @@ def flow_attention(
   *,
   dropout_rate: float = 0.0,
   dropout_key: jax.Array | None = None,
-) -> jax.Array:
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Causal Flow-Attention (Flowformer) with padding masked, in parallel form.
 
   Every prefix sum ``cs(x)_i = sum_{j <= i, same user} x_j`` is a product with the mask, so packed rows
@@ -85,7 +85,9 @@ def flow_attention(
   * ``y_i = alloc_i sum_{j <= i} <Q_i in_i / n_i, K_j> comp_j V_j``
 
   Returns:
-    ``[b, h, len, d]``, zero at padding positions.
+    ``(y, parts)``: ``y`` ``[b, h, len, d]`` (zero at padding positions) and the per-token prefix sums
+    an incremental decoder continues from: ``ks``, ``cs_k``, ``cs_q``, ``cs_kout``, ``cs_qin``
+    (``[b, h, len, d]``), ``cs_exp`` (``[b, h, len]``) and ``comp_v`` (``comp_j V_j``).
   """
   eps = FLOW_EPS
   m_bhij = mask.astype(q.dtype)
@@ -98,10 +100,13 @@ def flow_attention(
 
   qs = jax.nn.sigmoid(q)
   ks = jax.nn.sigmoid(k)
-  inflow = n_bhi / jnp.sum((qs + eps) * (cumsum(ks) + eps), axis=-1)
-  outflow = n_bhi / jnp.sum((ks + eps) * (cumsum(qs) + eps), axis=-1)
-  sink = jnp.sum((qs + eps) * (cumsum(ks * outflow[..., None]) + eps), axis=-1) / n_safe
-  src = jnp.clip(jnp.sum((ks + eps) * (cumsum(qs * inflow[..., None]) + eps), axis=-1) / n_safe, -1.0, 1.0)
+  cs_k, cs_q = cumsum(ks), cumsum(qs)
+  inflow = n_bhi / jnp.sum((qs + eps) * (cs_k + eps), axis=-1)
+  outflow = n_bhi / jnp.sum((ks + eps) * (cs_q + eps), axis=-1)
+  cs_kout = cumsum(ks * outflow[..., None])
+  cs_qin = cumsum(qs * inflow[..., None])
+  sink = jnp.sum((qs + eps) * (cs_kout + eps), axis=-1) / n_safe
+  src = jnp.clip(jnp.sum((ks + eps) * (cs_qin + eps), axis=-1) / n_safe, -1.0, 1.0)
   alloc = jax.nn.sigmoid(sink)
   exp_src = jnp.where(valid_bhi, jnp.exp(src), 0.0)
   cs_exp = jnp.einsum("bhij,bhj->bhi", m_bhij, exp_src)
@@ -109,7 +114,22 @@ def flow_attention(
   q_scaled = qs * (inflow / n_safe)[..., None]
   weights_bhij = jnp.einsum("bhid,bhjd->bhij", q_scaled, ks) * m_bhij * comp[:, :, None, :]
   weights_bhij = dropout(weights_bhij, dropout_rate, dropout_key)
-  return alloc[..., None] * jnp.einsum("bhij,bhjd->bhid", weights_bhij, v)
+  y = alloc[..., None] * jnp.einsum("bhij,bhjd->bhid", weights_bhij, v)
+  parts = dict(ks=ks, cs_k=cs_k, cs_q=cs_q, cs_kout=cs_kout, cs_qin=cs_qin, cs_exp=cs_exp, comp_v=comp[..., None] * v)
+  return y, parts
+
+
+def flow_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  mask: jax.Array,
+  *,
+  dropout_rate: float = 0.0,
+  dropout_key: jax.Array | None = None,
+) -> jax.Array:
+  """Causal Flow-Attention output ``[b, h, len, d]``; see ``flow_attention_parts`` for the formulas."""
+  return flow_attention_parts(q, k, v, mask, dropout_rate=dropout_rate, dropout_key=dropout_key)[0]
 
 
 _KERNELS = {"softmax": softmax_attention, "flow": flow_attention}

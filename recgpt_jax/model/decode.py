@@ -116,49 +116,6 @@ def _merge_heads(attn: attention.MultiHeadAttention, y: jax.Array) -> jax.Array:
   return attn.out(y.reshape(*y.shape[:-2], -1))
 
 
-def _flow_rows(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array):
-  """Parallel masked flow attention over packed rows, also returning the per-token quantities.
-
-  Mirrors ``attention.flow_attention`` (same formulas, same order of operations).
-
-  Args:
-    q: ``[r, h, len, d]`` queries (k, v alike).
-    k: keys.
-    v: values.
-    mask: ``[r, 1, len, len]`` causal packed mask.
-
-  Returns:
-    ``(y, stats)``: the attention output ``[r, h, len, d]`` and a dict of per-token arrays.
-  """
-  eps = attention.FLOW_EPS
-  m_bhij = mask.astype(q.dtype)
-  n_bhi = jnp.sum(m_bhij, axis=-1)
-  valid_bhi = n_bhi > 0
-  n_safe = jnp.where(valid_bhi, n_bhi, 1.0)
-
-  def cumsum(x_bhjd):  # masked prefix sum over positions
-    return jnp.einsum("bhij,bhjd->bhid", m_bhij, x_bhjd)
-
-  qs = jax.nn.sigmoid(q)
-  ks = jax.nn.sigmoid(k)
-  cs_k, cs_q = cumsum(ks), cumsum(qs)
-  inflow = n_bhi / jnp.sum((qs + eps) * (cs_k + eps), axis=-1)
-  outflow = n_bhi / jnp.sum((ks + eps) * (cs_q + eps), axis=-1)
-  cs_kout = cumsum(ks * outflow[..., None])
-  cs_qin = cumsum(qs * inflow[..., None])
-  sink = jnp.sum((qs + eps) * (cs_kout + eps), axis=-1) / n_safe
-  src = jnp.clip(jnp.sum((ks + eps) * (cs_qin + eps), axis=-1) / n_safe, -1.0, 1.0)
-  alloc = jax.nn.sigmoid(sink)
-  exp_src = jnp.where(valid_bhi, jnp.exp(src), 0.0)
-  cs_exp = jnp.einsum("bhij,bhj->bhi", m_bhij, exp_src)
-  comp = n_bhi * exp_src / jnp.where(valid_bhi, cs_exp, 1.0)
-  q_scaled = qs * (inflow / n_safe)[..., None]
-  weights_bhij = jnp.einsum("bhid,bhjd->bhij", q_scaled, ks) * m_bhij * comp[:, :, None, :]
-  y = alloc[..., None] * jnp.einsum("bhij,bhjd->bhid", weights_bhij, v)
-  stats = dict(ks=ks, cs_k=cs_k, cs_q=cs_q, cs_kout=cs_kout, cs_qin=cs_qin, cs_exp=cs_exp, comp_v=comp[..., None] * v)
-  return y, stats
-
-
 def _prefill_attention(
   attn: attention.MultiHeadAttention,
   x_rld: jax.Array,
@@ -182,7 +139,7 @@ def _prefill_attention(
     room = jnp.zeros((num_users, heads, max_steps, dim), q.dtype)
     layer = {"k": k, "v": v, "k_new": room, "v_new": room}
   else:
-    y, s = _flow_rows(q, k, v, mask)
+    y, s = attention.flow_attention_parts(q, k, v, mask)
     layer = {name: at_last(s[name]) for name in ("cs_k", "cs_q", "cs_kout", "cs_qin", "cs_exp")}
     # One appended token needs no matrix (its own term is exact); a zero [U, h, d, d] matrix carried
     # through a scan would cost more than the decode step itself.
