@@ -15,11 +15,63 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 METRICS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20")
 
 
+# The reference README's Beauty test numbers (authors' PyTorch code), quoted beside ours.
+REFERENCE_BEAUTY = {
+  "reference RecGPT-1 (authors' README)": (0.0426, 0.0651, 0.0939, 0.0283, 0.0356, 0.0429),
+  "reference RecGPT, 18+2 (authors' README)": (0.0426, 0.0651, 0.0957, 0.0283, 0.0356, 0.0433),
+}
+
+
+def _sweep_row(record: dict, quotas: list[int]) -> dict | None:
+  for row in record.get("sweep", []):
+    if row.get("quotas") == quotas and "test" in row:
+      return row["test"]
+  return None
+
+
+def ablation(prefix: str, title: str) -> list[str]:
+  """The Beauty ablation table of one attention kind (files named beauty_*<suffix>.json)."""
+  suffix = "" if prefix == "softmax" else "_flow"
+  load = lambda name: (
+    json.loads((RESULTS / f"{name}.json").read_text()) if (RESULTS / f"{name}.json").exists() else None
+  )
+  rows = []
+  pre = load(f"beauty_pretrain_ce{suffix}")
+  pre_sweep = load(f"beauty_pretrain_ce{suffix}_recall_sweep")
+  rec = load(f"beauty_recgpt{suffix}")
+  rec_sweep = load(f"beauty_recgpt{suffix}_recall_sweep")
+  if pre:
+    rows.append(("pre-train only (plain top-K)", pre["test"]))
+  if pre_sweep and _sweep_row(pre_sweep, [18, 2]):
+    rows.append(("pre-train only + two-step recall 18+2", _sweep_row(pre_sweep, [18, 2])))
+  if rec_sweep and _sweep_row(rec_sweep, [20]):
+    rows.append(("+ prompt-tuning, RecGPT-1 (m = K)", _sweep_row(rec_sweep, [20])))
+  if rec:
+    rows.append(("+ prompt-tuning + two-step recall 18+2 (RecGPT)", rec["test"]))
+  for name, label in (
+    (f"beauty_recgpt{suffix}_interleave", "prompt mode interleave, w=1, + 18+2"),
+    (f"beauty_recgpt{suffix}_hardneg", "prompt mode last + hard negatives 0.5, + 18+2"),
+  ):
+    r = load(name)
+    if r:
+      rows.append((label, r["test"]))
+  if not rows:
+    return []
+  out = [f"## {title}", "", "| variant | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+  if prefix == "softmax":
+    out += [f"| {k} | " + " | ".join(f"{v:.4f}" for v in vals) + " |" for k, vals in REFERENCE_BEAUTY.items()]
+  out += [f"| {label} | " + " | ".join(f"{t[m]:.4f}" if m in t else "-" for m in METRICS) + " |" for label, t in rows]
+  return out + [""]
+
+
 def main() -> None:
   runs, benches = [], []
   for path in sorted(RESULTS.glob("*.json")):
     record = json.loads(path.read_text())
-    (benches if "benchmark" in record else runs).append((path, record))
+    if "benchmark" in record:
+      benches.append((path, record))
+    elif "test" in record:
+      runs.append((path, record))
   lines = [
     "# Recorded results",
     "",
@@ -41,6 +93,8 @@ def main() -> None:
         f" | {wall} | {r['date']} | {r['git_commit'][:10]} |"
       )
     lines.append("")
+  lines += ablation("softmax", "Beauty ablation, softmax attention (test)")
+  lines += ablation("flow", "Beauty ablation, flow attention (test)")
   for path, r in benches:
     md = path.with_suffix(".md")
     lines += [f"## Benchmark `{r['benchmark']}`", "", f"See [{md.name}]({md.name}) ({r['date']}, {r['machine']}).", ""]
