@@ -82,3 +82,27 @@ def test_cli_recommend(served, tmp_path):
   assert_one_line_error(cli(*args, "--users=7,12345"), "unknown user id", "12345")
   assert_one_line_error(cli(*args, "--history=3,0"), "out of range")
   assert_one_line_error(cli(*args), "--users")
+
+
+def test_export_uses_raw_ids_of_an_interaction_log(tmp_path):
+  data = write_cyclic_dataset(tmp_path / "cyclic.txt", num_users=40)
+  rows = []
+  for line in data.read_text().splitlines():
+    user, *items = line.split()
+    rows += [f"user-{user},sku{i},{t}" for t, i in enumerate(items)]
+  log = tmp_path / "log.csv"
+  log.write_text("user,item,timestamp\n" + "\n".join(rows) + "\n")
+  cfg = tiny_config(log, **{"train.num_epochs": 1, "recall.quotas": (4, 2), "eval.metric": "NDCG@5"})
+  loop.train_and_evaluate(cfg, str(tmp_path / "run"))
+  rec = recommend.Recommender(cfg, tmp_path / "run")
+  out = rec.for_users(["user-7"])
+  assert out.items.shape == (1, 6)
+  with pytest.raises(UserError, match="unknown user id 'user-999'"):
+    rec.for_users(["user-999"])
+  rec.export(tmp_path / "recs.csv")
+  with open(tmp_path / "recs.csv") as f:
+    exported = list(csv.DictReader(f))
+  assert len(exported) == 40 * 6
+  assert all(r["user"].startswith("user-") and r["item"].startswith("sku") for r in exported)
+  mine = [r["item"] for r in exported if r["user"] == "user-7"]
+  assert mine == [rec.raw_item(i) for i in out.items[0]]
