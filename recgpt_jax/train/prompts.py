@@ -14,6 +14,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# Candidates per column kept by the scan (see pick_prompt_items); the exact fallback keeps it correct.
+NUM_CANDIDATES = 32
+
 
 def pick_prompt_items(scores_rlv: jax.Array, batch: dict[str, jax.Array], mode: str, width: int) -> jax.Array:
   """Chooses the generated items, column by column.
@@ -40,24 +43,51 @@ def pick_prompt_items(scores_rlv: jax.Array, batch: dict[str, jax.Array], mode: 
     cols = jnp.where(batch["gen_col"] >= 0, batch["gen_col"] + 1, length)  # the slot's own column
     slot_rl = slot_rl.at[row_idx[:, None], cols].set(True, mode="drop")
   num_picks = width if mode == "interleave" else 1
+  # Candidates: the best few items of every column, computed in parallel. The scan then only compares
+  # candidates with the user's used items ([rows, few] work per column instead of [rows, items]); a
+  # column whose candidates are all used falls back to the exact argmax over the whole catalogue.
+  num_cand = min(NUM_CANDIDATES, vocab - 1)
+  _, cand_rlc = jax.lax.top_k(scores_rlv, num_cand)
+  max_used = length * (1 + num_picks)  # every column adds its item (and its interleaved picks)
+  slots_m = jnp.arange(max_used)
 
   def step(carry, xs):
-    used_rv, prev_pick_r = carry
-    item_r, pos_r, seq_r, slot_r, scores_rv = xs
-    starts = (pos_r == 0) & (seq_r > 0)
-    used_rv = used_rv & ~starts[:, None]
+    used_rm, count_r, prev_pick_r = carry
+    item_r, pos_r, seq_r, slot_r, cand_rc, scores_rv = xs
+    count_r = jnp.where((pos_r == 0) & (seq_r > 0), 0, count_r)  # a new user starts: forget the last one
     here_r = jnp.where(slot_r, prev_pick_r, item_r)  # the item the prompted sequence holds at t
-    used_rv = used_rv.at[row_idx, here_r].set(True)
+
+    def add(used_rm, count_r, item_r):
+      return used_rm.at[row_idx, count_r].set(item_r), count_r + 1
+
+    used_rm, count_r = add(used_rm, count_r, here_r)
     picks = []
     for _ in range(num_picks):
-      pick_r = jnp.argmax(jnp.where(used_rv, low, scores_rv), axis=-1).astype(jnp.int32)
+      live_rm = slots_m[None, :] < count_r[:, None]
+      is_used_rc = jnp.any((cand_rc[:, :, None] == used_rm[:, None, :]) & live_rm[:, None, :], axis=-1)
+      exhausted_r = jnp.all(is_used_rc, axis=-1)
+      pick_r = jnp.take_along_axis(cand_rc, jnp.argmax(~is_used_rc, axis=-1)[:, None], axis=-1)[:, 0]
+
+      def exact(used_rm=used_rm, live_rm=live_rm, pick_r=pick_r, exhausted_r=exhausted_r):
+        used_rv = jnp.zeros((rows, vocab), bool).at[row_idx[:, None], jnp.where(live_rm, used_rm, 0)].set(True)
+        best_r = jnp.argmax(jnp.where(used_rv, low, scores_rv), axis=-1).astype(pick_r.dtype)
+        return jnp.where(exhausted_r, best_r, pick_r)
+
+      pick_r = jax.lax.cond(jnp.any(exhausted_r), exact, lambda p=pick_r: p).astype(jnp.int32)
       picks.append(pick_r)
       if mode == "interleave":
-        used_rv = used_rv.at[row_idx, pick_r].set(True)
-    return (used_rv, picks[0]), jnp.stack(picks, axis=-1)
+        used_rm, count_r = add(used_rm, count_r, pick_r)
+    return (used_rm, count_r, picks[0]), jnp.stack(picks, axis=-1)
 
-  init = (jnp.zeros((rows, vocab), bool), jnp.zeros((rows,), jnp.int32))
-  xs = (batch["items"].T, batch["positions"].T, batch["seq_ids"].T, slot_rl.T, jnp.swapaxes(scores_rlv, 0, 1))
+  init = (jnp.zeros((rows, max_used), jnp.int32), jnp.zeros((rows,), jnp.int32), jnp.zeros((rows,), jnp.int32))
+  xs = (
+    batch["items"].T,
+    batch["positions"].T,
+    batch["seq_ids"].T,
+    slot_rl.T,
+    jnp.swapaxes(cand_rlc, 0, 1),
+    jnp.swapaxes(scores_rlv, 0, 1),
+  )
   _, picks_lrk = jax.lax.scan(step, init, xs)
   return jnp.swapaxes(picks_lrk, 0, 1)
 

@@ -104,3 +104,46 @@ def test_generated_items_never_repeat_the_prefix():
           for i in np.nonzero(segs)[0]:
             assert 1 <= seq[i] <= 60
             assert seq[i] not in seq[:i], (mode, seq, i)
+
+
+def _reference_picks(scores, batch, mode, width):
+  """A direct implementation: per column, a full used-set over the catalogue and argmax (NumPy)."""
+  rows, length, vocab = scores.shape
+  scores = np.array(scores, dtype=np.float64)
+  scores[..., 0] = -np.inf
+  num_picks = width if mode == "interleave" else 1
+  slot = np.zeros((rows, length), bool)
+  if mode == "last":
+    for r, c in zip(*np.nonzero(batch["gen_col"] >= 0), strict=True):
+      slot[r, batch["gen_col"][r, c] + 1] = True
+  out = np.zeros((rows, length, num_picks), np.int32)
+  for r in range(rows):
+    used, prev = set(), 0
+    for t in range(length):
+      if batch["positions"][r, t] == 0 and batch["seq_ids"][r, t] > 0:
+        used = set()
+      used.add(int(prev if slot[r, t] else batch["items"][r, t]))
+      for j in range(num_picks):
+        s = scores[r, t].copy()
+        s[list(used)] = -np.inf
+        out[r, t, j] = int(np.argmax(s))
+        if mode == "interleave":
+          used.add(int(out[r, t, j]))
+      prev = out[r, t, 0]
+  return out
+
+
+@pytest.mark.parametrize(("mode", "width"), [("last", 1), ("last", 3), ("interleave", 1), ("interleave", 3)])
+def test_candidate_scan_equals_direct_used_set(mode, width):
+  # A 45-item catalogue: long users use up the 32 candidates of a column, exercising the exact fallback.
+  rng = np.random.default_rng(1)
+  seqs = {u: rng.choice(np.arange(1, 46), size=rng.integers(5, 22), replace=False) for u in range(1, 30)}
+  source = tfds_builder.InMemorySource(list(seqs), list(seqs.values()))
+  ti = pipeline.TrainInput(
+    source, max_len=16, row_len=24, rows_per_batch=5, seed=0, prompt_mode=mode, prompt_width=width
+  )
+  for batch in ti.epoch_iterator(0):
+    scores = rng.normal(size=(*batch["items"].shape, 46)).astype(np.float32)
+    jb = {k: jnp.asarray(v) for k, v in batch.items()}
+    got = np.asarray(prompts.pick_prompt_items(jnp.asarray(scores), jb, mode, width))
+    np.testing.assert_array_equal(got, _reference_picks(scores, batch, mode, width))
