@@ -50,6 +50,8 @@ def ablation(prefix: str, title: str) -> list[str]:
     rows.append(("+ prompt-tuning + two-step recall 18+2 (RecGPT)", rec["test"]))
   for name, label in (
     (f"beauty_recgpt{suffix}_interleave", "prompt mode interleave, w=1, + 18+2"),
+    (f"beauty_recgpt{suffix}_w2", "prompt mode last, w=2, + 18+2"),
+    (f"beauty_recgpt{suffix}_lr1e4", "prompt mode last, w=1, lr 1e-4 (instead of 5e-4), + 18+2"),
     (f"beauty_recgpt{suffix}_hardneg", "prompt mode last + hard negatives 0.5, + 18+2"),
   ):
     r = load(name)
@@ -92,6 +94,32 @@ def main() -> None:
         f"| [{r['name']}]({path.name}) | {r['dataset']} | {test} | {r['valid']['NDCG@10']:.4f} | {r.get('epochs')}"
         f" | {wall} | {r['date']} | {r['git_commit'][:10]} |"
       )
+    lines.append("")
+  sweeps = [(p, json.loads(p.read_text())) for p in sorted(RESULTS.glob("*_recall_sweep.json"))]
+  if sweeps:
+    lines += [
+      "## Best recall split (m, n) by valid NDCG@K, per model",
+      "",
+      "| model | K | best quotas on valid | valid NDCG@K: best / plain top-K | test HR@K: best / plain"
+      " | test NDCG@K: best / plain |",
+      "|---|---|---|---|---|---|",
+    ]
+    for path, r in sweeps:
+      by_k = {}
+      for row in r["sweep"]:
+        if "valid_NDCG_by_quotas" in row:
+          by_k[row["K"]] = row["valid_NDCG_by_quotas"]
+      for k, valid in by_k.items():
+        best = max(valid, key=valid.get)
+        tests = {str(tuple(row["quotas"])): row["test"] for row in r["sweep"] if row.get("K") == k and "test" in row}
+        plain = str((k,))
+        if best in tests and plain in tests:
+          lines.append(
+            f"| [{r['name'].replace('_recall_sweep', '')}]({path.name}) | {k} | {best}"
+            f" | {valid[best]:.4f} / {valid[plain]:.4f}"
+            f" | {tests[best][f'HR@{k}']:.4f} / {tests[plain][f'HR@{k}']:.4f}"
+            f" | {tests[best][f'NDCG@{k}']:.4f} / {tests[plain][f'NDCG@{k}']:.4f} |"
+          )
     lines.append("")
   lines += ablation("softmax", "Beauty ablation, softmax attention (test)")
   lines += ablation("flow", "Beauty ablation, flow attention (test)")
