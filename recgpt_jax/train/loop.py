@@ -14,6 +14,7 @@ import os
 import pathlib
 import platform
 import subprocess
+import sys
 import time
 from typing import Any
 
@@ -98,6 +99,8 @@ class Run:
           f"prompt-tuning needs more than max_len * (prompt.width + 1) = {c.max_len * (c.prompt.width + 1)} items"
           f" so a prompt never has to repeat its prefix; {self.data.source} has {self.data.num_items}"
         )
+    # The targets the loss is computed on: the prompted view's in prompt-tuning.
+    self.loss_targets_key = "targets" if self.prompt_cfg is None else "p_targets"
     self.train_input = pipeline.TrainInput(
       source,
       max_len=c.max_len,
@@ -289,7 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: s
         if pending is not None:
           last_loss = _report(pending, log, bar, window_tokens / max(time.time() - window_t0, 1e-9), c)
         pending = (step, out)
-        window_tokens += int(np.sum(batch["targets"] > 0))
+        window_tokens += int(np.count_nonzero(batch[run.loss_targets_key]))
         bar.update(1)
         if step % c.train.checkpoint_every_steps == 0:
           # Check this step's loss before saving it, so a diverged state is never checkpointed.
@@ -368,7 +371,8 @@ def _final_report(run: Run, state, c, wd: pathlib.Path, wall_time: float | None,
     "name": c.name,
     "dataset": run.data.source,
     "recipe": {"stage": run.stage, "config": json.loads(c.to_json())},
-    "command": command or os.environ.get("RECGPT_COMMAND", " ".join(["python", "-m", "recgpt_jax.main", *_argv()])),
+    "command": command
+    or os.environ.get("RECGPT_COMMAND", " ".join(["python", "-m", "recgpt_jax.main", *sys.argv[1:]])),
     "git_commit": git_commit(),
     "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     "machine": machine_description(),
@@ -390,12 +394,6 @@ def _final_report(run: Run, state, c, wd: pathlib.Path, wall_time: float | None,
 
 def _format_metrics(stage: str, m: dict[str, float], names) -> str:
   return f"{stage:5s} " + "  ".join(f"{k} {m[k]:.4f}" for k in names)
-
-
-def _argv() -> list[str]:
-  import sys
-
-  return sys.argv[1:]
 
 
 def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

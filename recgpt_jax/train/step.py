@@ -97,13 +97,6 @@ def _loss_from_hidden(model, hidden, batch: Batch, loss_cfg: LossConfig, neg_key
   return losses.sampled_softmax(hidden, table, targets, negatives)
 
 
-def next_item_loss(model, batch: Batch, loss_cfg: LossConfig, key: jax.Array | None) -> jax.Array:
-  """Mean next-item loss of ``model`` on a packed batch; ``key`` drives dropout and negatives."""
-  drop_key, neg_key = jax.random.split(key) if key is not None else (None, jax.random.key(0))
-  hidden = model(*(batch[k] for k in MODEL_INPUTS), dropout_key=drop_key)
-  return _loss_from_hidden(model, hidden, batch, loss_cfg, neg_key)
-
-
 def prompted_batch(gen_model, batch: Batch, prompt_cfg: PromptConfig) -> Batch:
   """Generates the prompts with ``gen_model`` (no dropout) and returns the prompted view as model inputs."""
   hidden = gen_model(*(batch[k] for k in MODEL_INPUTS))  # the real view: true prefixes
