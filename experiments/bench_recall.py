@@ -13,8 +13,9 @@ variants alike (the machine is shared: the load average is recorded, figures are
    ``t(2-step) / t(1-step) - 1``: everything the second step adds (decode state built in the prefill, one
    decode step, a second scoring and top-2), relative to the whole 1-step recall;
 3. pieces, each jitted alone over the same batches: prefill (hidden only / with decode state), one decode
-   step, scoring + exclusion + top-m, and a full forward pass of the packed rows (the re-encoding that
-   the decode step replaces). ``step 2 / step 1 = (decode + select n) / (prefill with state + select m)``.
+   step, scoring + exclusion + top-m, scoring alone and top-2 alone, and a full forward pass of the packed
+   rows (the re-encoding that the decode step replaces).
+   ``step 2 / step 1 = (decode + select n) / (prefill with state + select m)``.
 
 A pass is every batch dispatched, then one wait (batches are on device beforehand; packing excluded).
 
@@ -128,6 +129,14 @@ def piece_fns(graphdef) -> dict[str, Callable]:
     return fn
 
   @jax.jit
+  def score(params, h_ud):
+    return merged(params).logits(h_ud)
+
+  @jax.jit
+  def top_n(scores_uv):
+    return jax.lax.top_k(scores_uv, QUOTAS_2[1])
+
+  @jax.jit
   def full_forward(params, b):
     h = merged(params)(*(b[k] for k in ("items", "positions", "segments", "seq_ids", "users")))
     return h[b["last_row"], b["last_col"]]
@@ -138,6 +147,8 @@ def piece_fns(graphdef) -> dict[str, Callable]:
     decode_one=decode_one,
     select_m=select(QUOTAS_2[0]),
     select_n=select(QUOTAS_2[1]),
+    score=score,
+    top_n=top_n,
     full_forward=full_forward,
   )
 
@@ -151,12 +162,15 @@ def time_pieces(graphdef, params, batches, repeats: int) -> dict[str, dict[str, 
   generated = [top[1][:, 0] for top in firsts]
   exclude2 = [jnp.concatenate([b["history"], top[1]], axis=1) for b, top in zip(batches, firsts, strict=True)]
   hidden2 = [f["decode_one"](params, s, g) for s, g in zip(states, generated, strict=True)]
+  scores2 = [exclude_items(f["score"](params, h), e) for h, e in zip(hidden2, exclude2, strict=True)]
   runs = {
     "prefill_hidden": lambda: [f["prefill_hidden"](params, b) for b in batches],
     "prefill_state": lambda: [f["prefill_state"](params, b) for b in batches],
     "select_m": lambda: [f["select_m"](params, h, b["history"]) for h, b in zip(hidden, batches, strict=True)],
     "decode_one": lambda: [f["decode_one"](params, s, g) for s, g in zip(states, generated, strict=True)],
     "select_n": lambda: [f["select_n"](params, h, e) for h, e in zip(hidden2, exclude2, strict=True)],
+    "score": lambda: [f["score"](params, h) for h in hidden2],
+    "top_n": lambda: [f["top_n"](s) for s in scores2],
     "full_forward": lambda: [f["full_forward"](params, b) for b in batches],
   }
   for run in runs.values():  # compile + warm-up
@@ -253,6 +267,8 @@ def main(argv):
       "step2_over_step1": step2 / step1,
       "decode_over_prefill_state": med["decode_one"] / med["prefill_state"],
       "decode_over_full_forward": med["decode_one"] / med["full_forward"],
+      # The exact second step cannot skip scoring the whole table and one top-n over it.
+      "score_topn_over_step1": (med["score"] + med["top_n"]) / step1,
     }
     print(f"pieces {kind}: step 2 / step 1 = {step2 / step1:.2f}", flush=True)
 
@@ -290,6 +306,9 @@ def main(argv):
       "step2_over_step1": "pieces jitted alone, median seconds per batch: (decode_one + select_n) /"
       " (prefill_state + select_m)",
       "full_forward": "one forward pass of the packed rows (what re-encoding for the second step would cost at least)",
+      "score_topn_over_step1": "(score + top_n) / (prefill_state + select_m): the scoring of the whole table"
+      " (one matmul) and one top-2 over its scores, the part of an exact second step that no decoding"
+      " scheme removes",
     },
     "reference_users_per_s": REFERENCE_USERS_PER_S,
     "best_users_per_batch": best,
@@ -329,14 +348,15 @@ def write_markdown(path: pathlib.Path, record: dict) -> None:
     "## Pieces (ms per batch, median; each jitted alone)",
     "",
     "| attention | prefill (hidden) | prefill (+state) | select top-18 | decode step | select top-2"
-    " | full forward | step 2 / step 1 |",
-    "|---|---|---|---|---|---|---|---|",
+    " | full forward | step 2 / step 1 | score only | top-2 only | (score + top-2) / step 1 |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for kind, p in record["pieces"].items():
     m = {name: v["median_s"] for name, v in p["per_batch"].items()}
     lines.append(
       f"| {kind} | {ms(m['prefill_hidden'])} | {ms(m['prefill_state'])} | {ms(m['select_m'])} |"
       f" {ms(m['decode_one'])} | {ms(m['select_n'])} | {ms(m['full_forward'])} | {p['step2_over_step1']:.2f} |"
+      f" {ms(m['score'])} | {ms(m['top_n'])} | {p['score_topn_over_step1']:.2f} |"
     )
   lines += [
     "",

@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -145,8 +146,10 @@ class Run:
     quotas = tuple(c.recall.quotas)
     self.ks = tuple(k for k in metrics_lib.KS if k <= sum(quotas))
     self.metric_names = tuple(f"{m}@{k}" for m in ("HR", "NDCG") for k in self.ks)
-    recall_fn = decoder.make_recall_fn(self.graphdef, quotas) if len(quotas) > 1 else None
-    self.eval_step = metrics_lib.make_eval_step(self.graphdef, self.ks, head="tied", recall_fn=recall_fn)
+    # Items are scored by the head the loss trains (evaluation, recall and recommendations alike).
+    self.head = c.train.head
+    recall_fn = decoder.make_recall_fn(self.graphdef, quotas, self.head) if len(quotas) > 1 else None
+    self.eval_step = metrics_lib.make_eval_step(self.graphdef, self.ks, head=self.head, recall_fn=recall_fn)
     self.ckpt = RunCheckpoints(self.workdir, keep=c.train.keep_checkpoints)
 
   def _check_workdir_compatible(self) -> None:
@@ -172,20 +175,35 @@ class Run:
     saved = src / "config.json"
     if not saved.exists():
       raise ConfigError(f"--config.init_from={src} is not a run directory (no config.json)")
-    field, differ = _incompatible(json.loads(saved.read_text()), json.loads(self.config.to_json()))
+    old = json.loads(saved.read_text())
+    # A pre-trained model without the untied head may start a run that has one: the head starts as a copy
+    # of the item table (so both heads score alike at step 0).
+    add_head = self.config.model.untied_head and not old.get("model", {}).get("untied_head", False)
+    if add_head:
+      old["model"]["untied_head"] = True
+    field, differ = _incompatible(old, json.loads(self.config.to_json()))
     if field:
       raise ConfigError(f"--config.init_from={src} was trained with a different {field} ({', '.join(differ)})")
+    target = {k: v for k, v in target_params.items() if k != "head"} if add_head else target_params
     ckpt = RunCheckpoints(src, keep=self.config.train.keep_checkpoints)
     if ckpt.has_best():
-      params, meta = ckpt.restore_best(target_params)
+      params, meta = ckpt.restore_best(target)
       print(f"Warm start from {src} (best model, epoch {meta.get('epoch')}).", flush=True)
     elif ckpt.latest_step() is not None:
-      state, _ = ckpt.restore(self.state)
+      state, _ = ckpt.restore(self.state.replace(params=target, opt_state=self.tx.init(target)))
       params = state.params
       print(f"Warm start from {src} (latest checkpoint, step {int(state.step)}).", flush=True)
     else:
       raise ConfigError(f"--config.init_from={src} holds no checkpoint")
     ckpt.close()
+    if add_head:
+      table = params["item_embed"]["embedding"]
+      head = target_params["head"]
+      params = {
+        **params,
+        "head": {"kernel": table.T.astype(head["kernel"].dtype), "bias": jnp.zeros_like(head["bias"])},
+      }
+      print("The untied head starts as a copy of the item table (the pre-trained model has none).", flush=True)
     return params
 
   def evaluate(self, params, stage: str) -> dict[str, float]:

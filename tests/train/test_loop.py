@@ -182,6 +182,31 @@ def test_prompt_tuning_needs_a_pretrained_run(dataset, tmp_path):
     )
 
 
+def test_warm_start_adds_an_untied_head_as_a_copy_of_the_table(dataset, tmp_path):
+  pre = tmp_path / "pre"
+  loop.train_and_evaluate(tiny_config(dataset, **{"train.num_epochs": 1}), str(pre))
+  overrides = {"init_from": str(pre), "model.untied_head": True, "train.head": "untied", "prompt.head": "untied"}
+  run = loop.Run(tiny_config(dataset, **overrides), tmp_path / "pt", "prompt_tune")
+  warm = run.warm_start_params(run.state.params)
+  best, _ = RunCheckpoints(pre).restore_best({k: v for k, v in run.state.params.items() if k != "head"})
+  np.testing.assert_array_equal(np.asarray(warm["head"]["kernel"]), np.asarray(best["item_embed"]["embedding"]).T)
+  np.testing.assert_array_equal(np.asarray(warm["head"]["bias"]), 0.0)
+  for a, b in zip(jax.tree.leaves({k: v for k, v in warm.items() if k != "head"}), jax.tree.leaves(best), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Scored by the untied head (train.head), the copied head ranks exactly like the pre-trained tied head.
+  tied = loop.Run(tiny_config(dataset), pre)
+  m_untied, m_tied = run.evaluate(warm, "test"), tied.evaluate(best, "test")
+  for k in ("HR@10", "NDCG@10"):
+    assert m_untied[k] == pytest.approx(m_tied[k], abs=1e-6), k
+  # The reverse (dropping a head the pre-trained model has) is still an architecture change.
+  loop.train_and_evaluate(
+    tiny_config(dataset, **{"train.num_epochs": 1, "model.untied_head": True}), str(tmp_path / "pre_untied")
+  )
+  plain = loop.Run(tiny_config(dataset, **{"init_from": str(tmp_path / "pre_untied")}), tmp_path / "pt2", "prompt_tune")
+  with pytest.raises(loop.ConfigError, match="untied_head"):
+    plain.warm_start_params(plain.state.params)
+
+
 def test_two_step_recall_evaluation(dataset, tmp_path):
   wd = tmp_path / "run"
   loop.train_and_evaluate(tiny_config(dataset, **{"train.num_epochs": 2}), str(wd))
