@@ -53,6 +53,8 @@ def ablation(prefix: str, title: str) -> list[str]:
     (f"beauty_recgpt{suffix}_w2", "prompt mode last, w=2, + 18+2"),
     (f"beauty_recgpt{suffix}_lr1e4", "prompt mode last, w=1, lr 1e-4 (instead of 5e-4), + 18+2"),
     (f"beauty_recgpt{suffix}_hardneg", "prompt mode last + hard negatives 0.5, + 18+2"),
+    (f"beauty_recgpt{suffix}_untied", "untied head (copied from the table) for loss and prompts, + 18+2"),
+    (f"beauty_recgpt{suffix}_untied_tiedprompt", "untied head for the loss, item table picks prompts, + 18+2"),
   ):
     r = load(name)
     if r:
