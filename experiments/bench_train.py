@@ -120,7 +120,8 @@ def main(argv):
       batches = padded_batches(data, 50, num_batches)
     tx = optim.make_optimizer(cfg.optimizer, 1000)
     graphdef, state = step_lib.init_state(RecGPT(model_cfg, rngs=nnx.Rngs(0)), tx, 0)
-    step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, loss_cfg, prompt_cfg), state, mesh)
+    replicated = jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), state)
+    step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, loss_cfg, prompt_cfg), replicated, mesh)
     batches = [jax.device_put(b) for b in batches]
     t0 = time.perf_counter()
     state, _ = step(state, batches[0])

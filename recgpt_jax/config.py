@@ -34,6 +34,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.user_module = True  # add a learned per-user vector at every position
   c.model.user_dropout = 0.0  # training: drop a user's whole user vector with this probability
   c.model.untied_head = False  # also build an untied hidden -> items linear head
+  # The item table (and untied head) has round_up(items + 1, vocab_multiple) rows, so it splits evenly over
+  # any `model` mesh axis that divides this; the padding rows are never scored. Independent of the mesh, so
+  # a checkpoint restores onto any mesh.
+  c.model.vocab_multiple = 128
 
   c.train = ml_collections.ConfigDict()
   c.train.loss = "ce"  # 'ce' (full softmax), 'bce' (reference: one random negative), 'sampled_softmax'
@@ -78,6 +82,25 @@ def base_config() -> ml_collections.ConfigDict:
   c.prompt.head = "tied"  # head whose top items become the prompts: 'tied' or 'untied'
   c.prompt.hard_negative_weight = 0.0  # extra loss ranking the clicked item above the shown prompt (0 = off)
 
+  c.mesh = ml_collections.ConfigDict()
+  # Device mesh (axes `data` and `model`; recgpt_jax.parallel.mesh). Sizes within a slice; -1 = all
+  # remaining devices. The batch splits over `data`, the item table's vocabulary over `model`.
+  c.mesh.data = -1
+  c.mesh.model = 1
+  # Multi-slice TPU: how many slices each axis spans (data-centre network between slices).
+  c.mesh.data_slices = 1
+  c.mesh.model_slices = 1
+  # Logical axis -> mesh axis (None = replicated); the model's parameters carry logical axis names.
+  c.mesh.rules = (
+    ("batch", "data"),
+    ("vocab", "model"),
+    ("users", None),
+    ("embed", None),
+    ("mlp", None),
+    ("heads", None),
+    ("positions", None),
+  )
+
   c.results_dir = ""  # if set, also write <results_dir>/<name>.json (e.g. experiments/results)
   c.tfds_data_dir = ""  # where the TFDS builder writes (default ~/.cache/recgpt_jax/tfds)
   return c
@@ -99,6 +122,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
   need(m.hidden % m.num_heads == 0, f"model.hidden ({m.hidden}) must be divisible by model.num_heads ({m.num_heads})")
   for name in ("attn_dropout", "hidden_dropout", "user_dropout"):
     need(0.0 <= m[name] < 1.0, f"model.{name} must be in [0, 1), got {m[name]}")
+  need(m.vocab_multiple >= 1, f"model.vocab_multiple must be >= 1, got {m.vocab_multiple}")
+  for name in ("data", "model"):
+    need(c.mesh[name] == -1 or c.mesh[name] >= 1, f"mesh.{name} must be -1 or >= 1, got {c.mesh[name]}")
+    need(c.mesh[f"{name}_slices"] >= 1, f"mesh.{name}_slices must be >= 1, got {c.mesh[f'{name}_slices']}")
+  need(c.mesh.data != -1 or c.mesh.model != -1, "at most one of mesh.data and mesh.model may be -1")
+  need(
+    c.mesh.model == -1 or m.vocab_multiple % (c.mesh.model * c.mesh.model_slices) == 0,
+    f"model.vocab_multiple ({m.vocab_multiple}) must be a multiple of the model axis size"
+    f" ({c.mesh.model * c.mesh.model_slices}) so the item table splits evenly",
+  )
   need(c.train.row_len >= c.max_len, f"train.row_len ({c.train.row_len}) must be >= max_len ({c.max_len})")
   need(c.train.rows_per_batch >= 1, f"train.rows_per_batch must be >= 1, got {c.train.rows_per_batch}")
   need(c.train.num_epochs >= 1, f"train.num_epochs must be >= 1, got {c.train.num_epochs}")

@@ -3,7 +3,9 @@
   python -m recgpt_jax.main --config=experiments/configs/default.py --workdir=runs/default \
       [--mode=pretrain|prompt_tune|evaluate]
 
-Any config field can be overridden with ``--config.<field>=<value>``. Modes: ``pretrain`` trains (resuming
+Any config field can be overridden with ``--config.<field>=<value>``. Multi-process runs add
+``--coordinator_address=host:port --num_processes=N --process_id=i`` (or ``--distributed=auto`` on TPU
+VMs and under SLURM); see launch/README.md. Modes: ``pretrain`` trains (resuming
 from the workdir's checkpoint if present) and then evaluates the best model; ``prompt_tune`` does the same
 for RecGPT's prompt-tuning stage, starting from the pre-training workdir ``--config.init_from``;
 ``evaluate`` only evaluates the workdir's model. User errors (bad data, config or flags) are reported as
@@ -12,6 +14,7 @@ one line with exit code 2.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -29,6 +32,14 @@ _HISTORY = flags.DEFINE_multi_string(
   "history", [], "recommend: a raw item history 'i1,i2,...' (oldest first) of an unknown user; repeatable."
 )
 _EXPORT = flags.DEFINE_string("export", None, "recommend: write every user's recommendations to this CSV.")
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, "Multi-process run: host:port of process 0 (env RECGPT_COORDINATOR_ADDRESS)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process run: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process run: this process, 0..num_processes-1.")
+_DISTRIBUTED = flags.DEFINE_enum(
+  "distributed", "off", ("off", "auto"), "'auto': jax.distributed.initialize() from the TPU/SLURM environment."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -76,6 +87,11 @@ def main(argv: list[str]) -> None:
     print(f"error: cannot load --config: {detail[-1] if detail else type(e).__name__}", file=sys.stderr)
     sys.exit(2)
   try:
+    from recgpt_jax.parallel import distributed
+
+    joined = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
+    if joined and not distributed.is_primary():  # process 0 reports; the others only print errors
+      sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     if _MODE.value in ("pretrain", "prompt_tune"):
       loop.train_and_evaluate(config, _WORKDIR.value, _MODE.value)
     elif _MODE.value == "evaluate":

@@ -53,7 +53,7 @@ class Recommender:
     else:
       raise UserError(f"no checkpoint in {self.run.workdir}; train a model there first")
     self.quotas = tuple(config.recall.quotas)
-    self.fn = decoder.make_recall_fn(self.run.graphdef, self.quotas, self.run.head)
+    self.fn = decoder.make_recall_fn(self.run.graphdef, self.quotas, self.run.head, self.run.mesh)
     self.batch_users = batch_users
     data = self.run.data
     self._sequences = dict(zip(data.users.tolist(), data.sequences, strict=True))

@@ -1,8 +1,14 @@
-"""Test setup: CPU only, and float32 matmuls at full precision so comparisons are tight."""
+"""Test setup: CPU only, 8 host devices for the sharding tests, float32 matmuls at full precision.
+
+Single-device tests build their meshes over ``jax.devices()[:1]`` (``mesh.data=1`` in the tiny config),
+multi-device tests over 2, 4 or 8 of the fake CPU devices.
+"""
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import jax  # noqa: E402
 

@@ -35,6 +35,8 @@ def tiny_config(dataset: pathlib.Path, **overrides):
   c.model.num_layers = 1
   c.model.num_heads = 2
   c.model.ffn = 32
+  c.model.vocab_multiple = 8  # 30 items + padding row -> 32 rows: splits over up to 8 model shards
+  c.mesh.data = 1  # one device unless a test asks for a mesh
   c.model.attn_dropout = 0.0
   c.model.hidden_dropout = 0.1
   c.train.num_epochs = 6

@@ -18,6 +18,7 @@ TINY = [
   "--config.model.hidden=16",
   "--config.model.num_layers=1",
   "--config.model.ffn=32",
+  "--config.model.vocab_multiple=8",
   "--config.train.num_epochs=2",
   "--config.train.row_len=16",
   "--config.train.rows_per_batch=8",

@@ -71,7 +71,9 @@ class _EpochBatches:
     rows_per_batch: int,
     row_len: int,
     prompted: bool = False,
+    row_range: tuple[int, int] | None = None,
   ):
+    self._row_range = (0, rows_per_batch) if row_range is None else row_range
     self._tokens_t = tokens_t  # name -> [T] all users' tokens, concatenated in storage order
     self._starts = starts  # [N] epoch order: offset of each user's tokens in the buffers
     self._lengths = lengths  # [N] epoch order
@@ -83,19 +85,22 @@ class _EpochBatches:
 
   def __call__(self, b: int) -> dict[str, np.ndarray]:
     lo, hi = int(self._place.bounds[b]), int(self._place.bounds[b + 1])
-    lengths = self._lengths[lo:hi]  # [k]
-    src = np.repeat(self._starts[lo:hi] - (np.cumsum(lengths) - lengths), lengths) + np.arange(lengths.sum())
-    per_sequence = {"users": self._users[lo:hi]}
+    first_row, end_row = self._row_range
+    # Only the sequences packed into this process's rows are read and assembled.
+    mine = np.flatnonzero((self._place.row[lo:hi] >= first_row) & (self._place.row[lo:hi] < end_row)) + lo
+    lengths = self._lengths[mine]  # [k]
+    src = np.repeat(self._starts[mine] - (np.cumsum(lengths) - lengths), lengths) + np.arange(lengths.sum())
+    per_sequence = {"users": self._users[mine]}
     if self._prompted:
-      per_sequence["span_col"] = self._place.col[lo:hi]
+      per_sequence["span_col"] = self._place.col[mine]
     batch = packing.scatter_rows(
       lengths,
-      self._place.row[lo:hi],
-      self._place.col[lo:hi],
-      self._place.seq_id[lo:hi],
+      self._place.row[mine] - first_row,
+      self._place.col[mine],
+      self._place.seq_id[mine],
       {name: values_t[src] for name, values_t in self._tokens_t.items()},
       per_sequence,
-      rows_per_batch=self._rows_per_batch,
+      rows_per_batch=end_row - first_row,
       row_len=self._row_len,
     )
     return prompts.finish_prompt_batch(batch) if self._prompted else batch
@@ -148,6 +153,10 @@ class TrainInput:
     prompt_mode: None for pre-training batches; ``'last'`` or ``'interleave'`` for prompt-tuning batches
       (see ``recgpt_jax.data.prompts``: each user's span holds a real and a prompted view).
     prompt_width: prompt width ``w`` of the prompt modes.
+    process_index: this process (multi-host runs): every process computes the same packing plan of the
+      whole batch and assembles only its block of ``rows_per_batch / process_count`` consecutive rows,
+      the process-local part of the global batch (``jax.make_array_from_process_local_data``).
+    process_count: number of processes; must divide ``rows_per_batch``.
 
   Attributes:
     num_users: users with a training example.
@@ -165,7 +174,16 @@ class TrainInput:
     num_workers: int = 0,
     prompt_mode: str | None = None,
     prompt_width: int = 1,
+    process_index: int = 0,
+    process_count: int = 1,
   ):
+    if process_count < 1 or not 0 <= process_index < process_count or rows_per_batch % process_count:
+      raise errors.ConfigError(
+        f"rows_per_batch={rows_per_batch} must split evenly over {process_count} processes"
+        f" (process_index={process_index})"
+      )
+    local_rows = rows_per_batch // process_count
+    self.row_range = (process_index * local_rows, (process_index + 1) * local_rows)
     if prompt_mode is not None and (prompt_mode not in prompts.PROMPT_MODES or prompt_width < 1):
       raise errors.ConfigError(
         f"prompt mode must be one of {prompts.PROMPT_MODES} with width >= 1, got {prompt_mode!r}, {prompt_width}"
@@ -236,6 +254,7 @@ class TrainInput:
       rows_per_batch=self.rows_per_batch,
       row_len=self.row_len,
       prompted=self.prompt_mode is not None,
+      row_range=self.row_range,
     )
     return grain.MapDataset.range(place.num_batches).map(assemble)
 

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from recgpt_jax.parallel import topk
+
 KS = (5, 10, 20)
 METRIC_NAMES = tuple(f"{m}@{k}" for m in ("HR", "NDCG") for k in KS)
 
@@ -58,14 +60,23 @@ def list_metrics(items_uk: jax.Array, answer_u: jax.Array, ks: Sequence[int] = K
   return out
 
 
-def make_eval_step(graphdef: nnx.GraphDef, ks: Sequence[int] = KS, head: str = "tied", recall_fn=None):
+def make_eval_step(
+  graphdef: nnx.GraphDef,
+  ks: Sequence[int] = KS,
+  head: str = "tied",
+  recall_fn=None,
+  mesh: jax.sharding.Mesh | None = None,
+  param_shardings=None,
+):
   """Returns a jitted ``(params, batch) -> sums`` of each metric over the batch's real users.
 
   Without ``recall_fn`` the ranking is the full catalogue scored by the last hidden state; with it (a
   multi-interest recall function of ``recgpt_jax.recall.decoder``) the ranking is its merged list.
+  With ``mesh`` (axes ``data``, ``model``) the batch is split over ``data`` and the top items come from
+  the two-stage top-k over the vocabulary-sharded table (``recgpt_jax.parallel.topk``); ``param_shardings``
+  then gives the parameters' shardings (the jit's explicit input shardings).
   """
 
-  @jax.jit
   def eval_step(params, batch):
     if recall_fn is not None:
       per_user = list_metrics(recall_fn(params, batch)["items"], batch["answer"], ks)
@@ -73,13 +84,30 @@ def make_eval_step(graphdef: nnx.GraphDef, ks: Sequence[int] = KS, head: str = "
       model = nnx.merge(graphdef, params)
       hidden = model(batch["items"], batch["positions"], batch["segments"], batch["seq_ids"], batch["users"])
       user_hidden = hidden[batch["last_row"], batch["last_col"]]  # [users, hidden]
-      per_user = ranking_metrics(model.logits(user_hidden, head), batch["answer"], batch["history"], ks)
+      if mesh is None:
+        per_user = ranking_metrics(model.logits(user_hidden, head), batch["answer"], batch["history"], ks)
+      else:
+        table, bias = model.head_weights(head)
+        _, top_uk = topk.sharded_top_k(
+          user_hidden,
+          table,
+          max(ks),
+          mesh=mesh,
+          exclude_ue=batch["history"],
+          bias_v=bias,
+          num_valid=model.cfg.num_items + 1,
+        )
+        per_user = list_metrics(top_uk, batch["answer"], ks)
     real = (batch["answer"] > 0).astype(jnp.float32)
     sums = {name: jnp.sum(v * real) for name, v in per_user.items()}
     sums["users"] = jnp.sum(real)
     return sums
 
-  return eval_step
+  if mesh is None:
+    return jax.jit(eval_step)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)
 
 
 def evaluate(eval_step, params, batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:

@@ -135,6 +135,17 @@ def flow_attention(
 _KERNELS = {"softmax": softmax_attention, "flow": flow_attention}
 
 
+def linear(n_in: int, n_out: int, axes: tuple[str, str], rngs: nnx.Rngs) -> nnx.Linear:
+  """A linear layer with normal(0.02) weights whose kernel and bias carry logical axis names ``axes``."""
+  return nnx.Linear(
+    n_in,
+    n_out,
+    kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), axes),
+    bias_init=nnx.with_partitioning(nnx.initializers.zeros, axes[1:]),
+    rngs=rngs,
+  )
+
+
 class MultiHeadAttention(nnx.Module):
   """Multi-head self-attention of either kind, with input and output projections."""
 
@@ -146,9 +157,8 @@ class MultiHeadAttention(nnx.Module):
     self.num_heads = num_heads
     self.kind = kind
     self.dropout_rate = dropout_rate
-    init = nnx.initializers.normal(0.02)
-    self.qkv = nnx.Linear(hidden, 3 * hidden, kernel_init=init, rngs=rngs)
-    self.out = nnx.Linear(hidden, hidden, kernel_init=init, rngs=rngs)
+    self.qkv = linear(hidden, 3 * hidden, ("embed", "heads"), rngs)
+    self.out = linear(hidden, hidden, ("heads", "embed"), rngs)
 
   def __call__(self, x_bld: jax.Array, mask: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
     b, length, hidden = x_bld.shape

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from recgpt_jax.model.attention import ATTENTION_KINDS, MultiHeadAttention, causal_packed_mask, dropout
+from recgpt_jax.model.attention import ATTENTION_KINDS, MultiHeadAttention, causal_packed_mask, dropout, linear
 
 NORMS = ("post", "pre")
 
@@ -38,13 +38,19 @@ class ModelConfig:
   user_module: bool = True
   user_dropout: float = 0.0  # training only: a sequence's user vector is replaced by the unknown-user row
   untied_head: bool = False
+  vocab_multiple: int = 1  # the item table has round_up(num_items + 1, vocab_multiple) rows
+
+  @property
+  def vocab_size(self) -> int:
+    """Rows of the item table: ``num_items + 1`` rounded up to ``vocab_multiple`` (extra rows never score)."""
+    return -(-(self.num_items + 1) // self.vocab_multiple) * self.vocab_multiple
 
   def __post_init__(self):
     if self.attention not in ATTENTION_KINDS:
       raise ValueError(f"model.attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
     if self.norm not in NORMS:
       raise ValueError(f"model.norm must be one of {NORMS}, got {self.norm!r}")
-    for name in ("num_items", "num_users", "max_len", "hidden", "num_layers", "num_heads", "ffn"):
+    for name in ("num_items", "num_users", "max_len", "hidden", "num_layers", "num_heads", "ffn", "vocab_multiple"):
       if getattr(self, name) < 1:
         raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
     for name in ("attn_dropout", "hidden_dropout", "user_dropout"):
@@ -52,18 +58,33 @@ class ModelConfig:
         raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
 
 
+def layer_norm(size: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(
+    size,
+    epsilon=1e-12,
+    scale_init=nnx.with_partitioning(nnx.initializers.ones, ("embed",)),
+    bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("embed",)),
+    rngs=rngs,
+  )
+
+
+def embed(rows: int, hidden: int, axis: str | None, rngs: nnx.Rngs) -> nnx.Embed:
+  return nnx.Embed(
+    rows, hidden, embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), (axis, "embed")), rngs=rngs
+  )
+
+
 class Block(nnx.Module):
   """Transformer block. Post-LN: ``h = LN(x + Drop(Attn(x)))``, ``y = LN(h + Drop(FFN(h)))``."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    init = nnx.initializers.normal(0.02)
     self.pre_norm = cfg.norm == "pre"
     self.hidden_dropout = cfg.hidden_dropout
     self.attn = MultiHeadAttention(cfg.hidden, cfg.num_heads, cfg.attention, cfg.attn_dropout, rngs=rngs)
-    self.norm1 = nnx.LayerNorm(cfg.hidden, epsilon=1e-12, rngs=rngs)
-    self.ffn_in = nnx.Linear(cfg.hidden, cfg.ffn, kernel_init=init, rngs=rngs)
-    self.ffn_out = nnx.Linear(cfg.ffn, cfg.hidden, kernel_init=init, rngs=rngs)
-    self.norm2 = nnx.LayerNorm(cfg.hidden, epsilon=1e-12, rngs=rngs)
+    self.norm1 = layer_norm(cfg.hidden, rngs)
+    self.ffn_in = linear(cfg.hidden, cfg.ffn, ("embed", "mlp"), rngs)
+    self.ffn_out = linear(cfg.ffn, cfg.hidden, ("mlp", "embed"), rngs)
+    self.norm2 = layer_norm(cfg.hidden, rngs)
 
   def ffn(self, h: jax.Array) -> jax.Array:
     """The position-wise feed-forward branch (GELU), without dropout."""
@@ -84,18 +105,19 @@ class RecGPT(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    init = nnx.initializers.normal(0.02)
-    # The item table doubles as the tied output head; row 0 is padding.
-    self.item_embed = nnx.Embed(cfg.num_items + 1, cfg.hidden, embedding_init=init, rngs=rngs)
-    self.user_embed = (
-      nnx.Embed(cfg.num_users + 1, cfg.hidden, embedding_init=init, rngs=rngs) if cfg.user_module else None
-    )
-    self.pos_embed = nnx.Embed(cfg.max_len, cfg.hidden, embedding_init=init, rngs=rngs)
-    self.seg_embed = nnx.Embed(2, cfg.hidden, embedding_init=init, rngs=rngs)
-    self.embed_norm = nnx.LayerNorm(cfg.hidden, epsilon=1e-12, rngs=rngs)
-    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-    self.final_norm = nnx.LayerNorm(cfg.hidden, epsilon=1e-12, rngs=rngs) if cfg.norm == "pre" else None
-    self.head = nnx.Linear(cfg.hidden, cfg.num_items + 1, kernel_init=init, rngs=rngs) if cfg.untied_head else None
+    # Parameters carry logical axis names (recgpt_jax.parallel.mesh maps them to mesh axes); they are
+    # placed on devices by the train state's shardings, not when they are created.
+    with nnx.use_eager_sharding(False):
+      # The item table doubles as the tied output head; row 0 is padding, rows > num_items pad the
+      # vocabulary to vocab_size.
+      self.item_embed = embed(cfg.vocab_size, cfg.hidden, "vocab", rngs)
+      self.user_embed = embed(cfg.num_users + 1, cfg.hidden, "users", rngs) if cfg.user_module else None
+      self.pos_embed = embed(cfg.max_len, cfg.hidden, "positions", rngs)
+      self.seg_embed = embed(2, cfg.hidden, None, rngs)
+      self.embed_norm = layer_norm(cfg.hidden, rngs)
+      self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+      self.final_norm = layer_norm(cfg.hidden, rngs) if cfg.norm == "pre" else None
+      self.head = linear(cfg.hidden, cfg.vocab_size, ("embed", "vocab"), rngs) if cfg.untied_head else None
 
   def __call__(
     self,
@@ -148,10 +170,25 @@ class RecGPT(nnx.Module):
     """The ``[num_items + 1, hidden]`` table used by the tied head (row 0 = padding)."""
     return self.item_embed.embedding[...]
 
-  def logits(self, hidden: jax.Array, head: str = "tied") -> jax.Array:
-    """Scores of every item (index = item id; column 0 is padding) for hidden states ``[..., hidden]``."""
+  def head_weights(self, head: str = "tied") -> tuple[jax.Array, jax.Array | None]:
+    """``(table [vocab_size, hidden], bias [vocab_size] or None)`` of the tied or untied head."""
     if head == "untied":
       if self.head is None:
         raise ValueError("the untied head was requested but model.untied_head is False")
-      return self.head(hidden)
-    return hidden @ self.item_table().T
+      return self.head.kernel[...].T, self.head.bias[...]
+    return self.item_table(), None
+
+  def logits(self, hidden: jax.Array, head: str = "tied") -> jax.Array:
+    """Scores ``[..., vocab_size]`` of every item (index = item id) for hidden states ``[..., hidden]``.
+
+    Column 0 (padding) is scored like any item (callers exclude it); the vocabulary padding columns
+    (ids > num_items) get the lowest float, so they are never ranked or sampled.
+    """
+    table, bias = self.head_weights(head)
+    scores = hidden @ table.T
+    if bias is not None:
+      scores = scores + bias
+    if self.cfg.vocab_size > self.cfg.num_items + 1:
+      ids = jnp.arange(self.cfg.vocab_size)
+      scores = jnp.where(ids > self.cfg.num_items, jnp.finfo(scores.dtype).min, scores)
+    return scores

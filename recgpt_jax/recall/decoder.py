@@ -22,6 +22,7 @@ from flax import nnx
 
 from recgpt_jax.eval.metrics import exclude_items
 from recgpt_jax.model import decode
+from recgpt_jax.parallel import topk
 
 PREFILL_INPUTS = ("items", "positions", "segments", "seq_ids", "users", "last_row", "last_col")
 OUTPUTS = ("items", "scores", "steps", "users")
@@ -32,13 +33,15 @@ def step_layout(quotas: Sequence[int]) -> np.ndarray:
   return np.repeat(np.arange(len(quotas), dtype=np.int32), quotas)
 
 
-def make_recall_fn(graphdef: nnx.GraphDef, quotas: Sequence[int], head: str = "tied"):
+def make_recall_fn(graphdef: nnx.GraphDef, quotas: Sequence[int], head: str = "tied", mesh=None):
   """Returns a jitted ``(params, batch) -> dict`` recalling ``K = sum(quotas)`` items per user slot.
 
   Args:
     graphdef: the model's graph definition; ``params`` is the matching plain parameter dict.
     quotas: ``m_1..m_S``, items taken at each interest step (static, each >= 1).
     head: which head scores items: ``'tied'`` (item table) or ``'untied'``.
+    mesh: optional mesh (axes ``data``, ``model``): each step's top items then come from the two-stage
+      top-k over the vocabulary-sharded table (``recgpt_jax.parallel.topk``), exclusions still exact.
 
   Returns:
     ``fn(params, batch)`` over one evaluation batch (``packing.pack_eval_batches``) returning
@@ -65,8 +68,14 @@ def make_recall_fn(graphdef: nnx.GraphDef, quotas: Sequence[int], head: str = "t
 
     def select(h_ud, recalled_ur, m):
       """Top ``m`` (scores, items) after excluding the history and the recalled items (0 = none)."""
-      scores_uv = model.logits(h_ud, head)  # [U, num_items + 1]
-      scores_uv = exclude_items(scores_uv, jnp.concatenate([history_uh, recalled_ur], axis=1))
+      exclude_ue = jnp.concatenate([history_uh, recalled_ur], axis=1)
+      if mesh is not None:
+        table, bias = model.head_weights(head)
+        top = topk.sharded_top_k(
+          h_ud, table, m, mesh=mesh, exclude_ue=exclude_ue, bias_v=bias, num_valid=model.cfg.num_items + 1
+        )
+        return jax.lax.optimization_barrier(top)
+      scores_uv = exclude_items(model.logits(h_ud, head), exclude_ue)  # [U, vocab_size]
       # The barrier keeps XLA from folding later slices (e.g. the top-1) into the top-k: that breaks its
       # rewrite to a partial top-k, and the full sort of the scores made a 2-step recall 7x slower on CPU.
       return jax.lax.optimization_barrier(jax.lax.top_k(scores_uv, m))

@@ -22,6 +22,12 @@ import orbax.checkpoint as ocp
 from recgpt_jax.train.step import TrainState
 
 
+def _barriers(prefix: str) -> ocp.options.MultiprocessingOptions:
+  # Both managers may save the same step at once; in a multi-process run their cross-process barriers
+  # need distinct names.
+  return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix)
+
+
 class RunCheckpoints:
   """The two checkpoint managers of a run directory."""
 
@@ -30,12 +36,12 @@ class RunCheckpoints:
     self.latest = ocp.CheckpointManager(
       workdir / "checkpoints",
       item_names=("state", "meta"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, multiprocessing_options=_barriers("latest")),
     )
     self.best = ocp.CheckpointManager(
       workdir / "best",
       item_names=("params", "meta"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
+      options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True, multiprocessing_options=_barriers("best")),
     )
 
   def latest_step(self) -> int | None:

@@ -29,6 +29,8 @@ from recgpt_jax.data import io, packing, pipeline, split, tfds_builder
 from recgpt_jax.errors import ConfigError, UserError
 from recgpt_jax.eval import metrics as metrics_lib
 from recgpt_jax.model.transformer import ModelConfig, RecGPT
+from recgpt_jax.parallel import distributed
+from recgpt_jax.parallel import mesh as mesh_lib
 from recgpt_jax.recall import decoder
 from recgpt_jax.train import optim
 from recgpt_jax.train import step as step_lib
@@ -89,6 +91,12 @@ class Run:
     if not np.any(split.usable(self.data.sequences)):
       raise UserError(f"{self.data.source}: no user has the {split.MIN_ITEMS} items the leave-one-out split needs")
     if self.data.source in io.BUNDLED:
+      if jax.process_count() > 1:  # process 0 builds the TFDS dataset (once); the others then read it
+        from jax.experimental import multihost_utils
+
+        if distributed.is_primary():
+          tfds_builder.data_source(c.dataset, c.tfds_data_dir or None)
+        multihost_utils.sync_global_devices("recgpt_jax: TFDS dataset built")
       source = tfds_builder.data_source(c.dataset, c.tfds_data_dir or None)[0]
     else:
       source = tfds_builder.InMemorySource(self.data.users, self.data.sequences)
@@ -110,6 +118,8 @@ class Run:
       seed=c.seed,
       prompt_mode=None if self.prompt_cfg is None else self.prompt_cfg.mode,
       prompt_width=1 if self.prompt_cfg is None else self.prompt_cfg.width,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
     )
     self.eval_batches = {}
     for stage in split.STAGES:
@@ -128,7 +138,17 @@ class Run:
       self.loss_cfg = step_lib.LossConfig(kind=c.train.loss, num_negatives=c.train.num_negatives, head=c.train.head)
     except ValueError as e:
       raise ConfigError(str(e)) from None
+    self.mesh = mesh_lib.make_mesh(c.mesh)
+    data_size = self.mesh.shape["data"]
+    for name, size in (
+      ("train.rows_per_batch", c.train.rows_per_batch),
+      ("eval.rows_per_batch", c.eval.rows_per_batch),
+      ("eval.users_per_batch", c.eval.users_per_batch),
+    ):
+      if size % data_size:
+        raise ConfigError(f"{name}={size} must be divisible by the mesh's data axis ({data_size} devices)")
     model = RecGPT(self.model_cfg, rngs=nnx.Rngs(c.seed))
+    self.param_specs = mesh_lib.param_specs(model, c.mesh.rules)
     self.steps_per_epoch = self.train_input.steps_per_epoch(0)
     # Fraction of the positions the train step computes that hold a real token (the rest is padding).
     self.packing_fraction = self.train_input.num_tokens / (
@@ -138,18 +158,22 @@ class Run:
     if c.train.max_steps:
       self.total_steps = min(self.total_steps, c.train.max_steps)
     self.tx = optim.make_optimizer(c.optimizer, self.total_steps)
-    self.graphdef, self.state = step_lib.init_state(model, self.tx, c.seed)
-    self.mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    step_fn = step_lib.make_train_step(self.graphdef, self.tx, self.loss_cfg, self.prompt_cfg)
-    self.state = jax.device_put(self.state, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
-    self.train_step = step_lib.jit_train_step(step_fn, self.state, self.mesh)
+    self.graphdef, state = step_lib.init_state(model, self.tx, c.seed)
+    self.state_sharding = mesh_lib.shardings(step_lib.state_specs(state, self.tx, self.param_specs), self.mesh)
+    self.state = jax.device_put(state, self.state_sharding)
+    step_fn = step_lib.make_train_step(self.graphdef, self.tx, self.loss_cfg, self.prompt_cfg, self.mesh)
+    self.train_step = step_lib.jit_train_step(step_fn, self.state_sharding, self.mesh)
+    self.batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
+    self._eval_on_device: dict[str, list] = {}
     quotas = tuple(c.recall.quotas)
     self.ks = tuple(k for k in metrics_lib.KS if k <= sum(quotas))
     self.metric_names = tuple(f"{m}@{k}" for m in ("HR", "NDCG") for k in self.ks)
     # Items are scored by the head the loss trains (evaluation, recall and recommendations alike).
     self.head = c.train.head
-    recall_fn = decoder.make_recall_fn(self.graphdef, quotas, self.head) if len(quotas) > 1 else None
-    self.eval_step = metrics_lib.make_eval_step(self.graphdef, self.ks, head=self.head, recall_fn=recall_fn)
+    recall_fn = decoder.make_recall_fn(self.graphdef, quotas, self.head, self.mesh) if len(quotas) > 1 else None
+    self.eval_step = metrics_lib.make_eval_step(
+      self.graphdef, self.ks, self.head, recall_fn, self.mesh, self.state_sharding.params
+    )
     self.ckpt = RunCheckpoints(self.workdir, keep=c.train.keep_checkpoints)
 
   def _check_workdir_compatible(self) -> None:
@@ -207,7 +231,16 @@ class Run:
     return params
 
   def evaluate(self, params, stage: str) -> dict[str, float]:
-    return metrics_lib.evaluate(self.eval_step, params, self.eval_batches[stage])
+    if stage not in self._eval_on_device:  # every process holds the (small) eval batches; each places its shards
+      self._eval_on_device[stage] = [
+        {k: jax.make_array_from_callback(v.shape, self.batch_sharding, lambda idx, v=v: v[idx]) for k, v in b.items()}
+        for b in self.eval_batches[stage]
+      ]
+    return metrics_lib.evaluate(self.eval_step, params, self._eval_on_device[stage])
+
+  def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """The global training batch (rows split over ``data``) from this process's block of rows."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local.items()}
 
 
 def _incompatible(old: dict, new: dict) -> tuple[str | None, list[str]]:
@@ -227,6 +260,16 @@ def _incompatible(old: dict, new: dict) -> tuple[str | None, list[str]]:
     if differ:
       return field, differ
   return None, []
+
+
+class NullLog:
+  """The metrics log of the processes that do not write files."""
+
+  def write(self, step: int, values: dict[str, Any]) -> None:
+    del step, values
+
+  def close(self) -> None:
+    pass
 
 
 class MetricsLog:
@@ -253,7 +296,15 @@ class MetricsLog:
 def _progress(total: int, desc: str):
   from tqdm import tqdm
 
-  return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=False, mininterval=1.0)
+  return tqdm(
+    total=total,
+    desc=desc,
+    unit="step",
+    dynamic_ncols=True,
+    leave=False,
+    mininterval=1.0,
+    disable=not distributed.is_primary(),
+  )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: str = "pretrain") -> dict[str, Any]:
@@ -271,9 +322,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: s
   c = config
   wd = run.workdir
   wd.mkdir(parents=True, exist_ok=True)
-  _atomic_write(wd / "config.json", c.to_json(indent=2))
-  run.data.save_id_maps(wd)  # raw <-> dense ids, when the data came from an interaction log
-  log = MetricsLog(wd)
+  primary = distributed.is_primary()  # one process writes the run's files; all write checkpoints
+  if primary:
+    _atomic_write(wd / "config.json", c.to_json(indent=2))
+    run.data.save_id_maps(wd)  # raw <-> dense ids, when the data came from an interaction log
+  log = MetricsLog(wd) if primary else NullLog()
 
   meta = {"epoch": 0, "iterator": None, "best": None, "bad_evals": 0, "history": []}
   state = run.state
@@ -305,12 +358,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: s
       last_loss = float("nan")
       window_tokens, window_t0 = 0, time.time()
       for batch in it:
-        state, out = run.train_step(state, batch)
+        state, out = run.train_step(state, run.global_batch(batch))
         step += 1
         if pending is not None:
           last_loss = _report(pending, log, bar, window_tokens / max(time.time() - window_t0, 1e-9), c)
         pending = (step, out)
-        window_tokens += int(np.count_nonzero(batch[run.loss_targets_key]))
+        # This process's rows; the others hold about as many.
+        window_tokens += int(np.count_nonzero(batch[run.loss_targets_key])) * jax.process_count()
         bar.update(1)
         if step % c.train.checkpoint_every_steps == 0:
           # Check this step's loss before saving it, so a diverged state is never checkpointed.
@@ -402,6 +456,8 @@ def _final_report(run: Run, state, c, wd: pathlib.Path, wall_time: float | None,
     "test_users": test["users"],
   }
   text = json.dumps(record, indent=2) + "\n"
+  if not distributed.is_primary():
+    return record
   _atomic_write(wd / "results.json", text)
   if c.results_dir:
     _atomic_write(pathlib.Path(c.results_dir) / f"{c.name}.json", text)

@@ -18,7 +18,13 @@ import jax.numpy as jnp
 NUM_CANDIDATES = 32
 
 
-def pick_prompt_items(scores_rlv: jax.Array, batch: dict[str, jax.Array], mode: str, width: int) -> jax.Array:
+def pick_prompt_items(
+  scores_rlv: jax.Array,
+  batch: dict[str, jax.Array],
+  mode: str,
+  width: int,
+  candidates_rlc: jax.Array | None = None,
+) -> jax.Array:
   """Chooses the generated items, column by column.
 
   Args:
@@ -28,6 +34,9 @@ def pick_prompt_items(scores_rlv: jax.Array, batch: dict[str, jax.Array], mode: 
       item at ``t + 1``) or ``'interleave'`` (``width`` picks after each real item, all added to the used
       set).
     width: prompt width ``w``.
+    candidates_rlc: optional ``[rows, len, c]`` best items of each column in score order (column 0
+      excluded), e.g. from the two-stage top-k over a vocabulary-sharded table; default: the top
+      ``NUM_CANDIDATES`` of ``scores_rlv``.
 
   Returns:
     ``[rows, len, picks]`` int32 picks per real-view column (``picks`` = ``width`` for interleave, 1 for
@@ -46,8 +55,9 @@ def pick_prompt_items(scores_rlv: jax.Array, batch: dict[str, jax.Array], mode: 
   # Candidates: the best few items of every column, computed in parallel. The scan then only compares
   # candidates with the user's used items ([rows, few] work per column instead of [rows, items]); a
   # column whose candidates are all used falls back to the exact argmax over the whole catalogue.
-  num_cand = min(NUM_CANDIDATES, vocab - 1)
-  _, cand_rlc = jax.lax.top_k(scores_rlv, num_cand)
+  if candidates_rlc is None:
+    _, candidates_rlc = jax.lax.top_k(scores_rlv, min(NUM_CANDIDATES, vocab - 1))
+  cand_rlc = candidates_rlc
   max_used = length * (1 + num_picks)  # every column adds its item (and its interleaved picks)
   slots_m = jnp.arange(max_used)
 

@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from recgpt_jax.parallel import topk, vocab
 from recgpt_jax.train import losses, prompts
 
 Batch = dict[str, jax.Array]
@@ -84,12 +85,14 @@ class PromptConfig:
   hard_negative_weight: float = 0.0
 
 
-def _loss_from_hidden(model, hidden, batch: Batch, loss_cfg: LossConfig, neg_key: jax.Array) -> jax.Array:
+def _loss_from_hidden(model, hidden, batch: Batch, loss_cfg: LossConfig, neg_key: jax.Array, mesh) -> jax.Array:
   targets = batch["targets"]
   num_items = model.cfg.num_items
+  table, bias = model.head_weights(loss_cfg.head)
   if loss_cfg.kind == "ce":
-    return losses.full_softmax_ce(model.logits(hidden, loss_cfg.head), targets)
-  table = model.item_table() if loss_cfg.head == "tied" else model.head.kernel[...].T
+    if mesh is None:
+      return losses.full_softmax_ce(model.logits(hidden, loss_cfg.head), targets)
+    return vocab.sharded_softmax_ce(hidden, table, targets, mesh=mesh, num_valid=num_items + 1, bias_v=bias)
   if loss_cfg.kind == "bce":
     negatives = losses.sample_negatives(neg_key, batch["items"], targets, batch["seq_ids"], num_items)
     return losses.bce_loss(hidden, table, targets, negatives)
@@ -97,11 +100,29 @@ def _loss_from_hidden(model, hidden, batch: Batch, loss_cfg: LossConfig, neg_key
   return losses.sampled_softmax(hidden, table, targets, negatives)
 
 
-def prompted_batch(gen_model, batch: Batch, prompt_cfg: PromptConfig) -> Batch:
-  """Generates the prompts with ``gen_model`` (no dropout) and returns the prompted view as model inputs."""
+def prompted_batch(gen_model, batch: Batch, prompt_cfg: PromptConfig, mesh=None) -> Batch:
+  """Generates the prompts with ``gen_model`` (no dropout) and returns the prompted view as model inputs.
+
+  With ``mesh``, each column's candidate items come from the two-stage top-k over the vocabulary-sharded
+  table (``recgpt_jax.parallel.topk``) instead of a top-k along the sharded axis of the scores.
+  """
   hidden = gen_model(*(batch[k] for k in MODEL_INPUTS))  # the real view: true prefixes
   scores = gen_model.logits(hidden, prompt_cfg.head)
-  picks = prompts.pick_prompt_items(scores, batch, prompt_cfg.mode, prompt_cfg.width)
+  candidates = None
+  if mesh is not None:
+    rows, length, dim = hidden.shape
+    table, bias = gen_model.head_weights(prompt_cfg.head)
+    num_items = gen_model.cfg.num_items
+    _, candidates = topk.sharded_top_k(
+      hidden.reshape(rows * length, dim),
+      table,
+      min(prompts.NUM_CANDIDATES, num_items),
+      mesh=mesh,
+      bias_v=bias,
+      num_valid=num_items + 1,
+    )
+    candidates = candidates.reshape(rows, length, -1)
+  picks = prompts.pick_prompt_items(scores, batch, prompt_cfg.mode, prompt_cfg.width, candidates)
   return {
     "items": prompts.fill_prompts(picks, batch),
     "positions": batch["p_positions"],
@@ -138,24 +159,27 @@ def make_train_step(
   tx: optax.GradientTransformation,
   loss_cfg: LossConfig,
   prompt_cfg: PromptConfig | None = None,
+  mesh: jax.sharding.Mesh | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """Returns the pure (un-jitted) train step ``(state, batch) -> (state, metrics)``.
 
   Without ``prompt_cfg`` this is the pre-training step. With it, the step first generates the prompts
   from the *current* parameters (no gradient flows through generation) and trains on the prompted view.
+  With ``mesh`` (axes ``data`` and ``model``), the full-softmax loss runs per vocabulary shard
+  (``recgpt_jax.parallel.vocab``); without it, over the whole table on one device.
   """
 
   def train_step(state: TrainState, batch: Batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     metrics = {}
     if prompt_cfg is not None:
-      batch = prompted_batch(nnx.merge(graphdef, jax.lax.stop_gradient(state.params)), batch, prompt_cfg)
+      batch = prompted_batch(nnx.merge(graphdef, jax.lax.stop_gradient(state.params)), batch, prompt_cfg, mesh)
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params)
       drop_key, neg_key = jax.random.split(key)
       hidden = model(*(batch[k] for k in MODEL_INPUTS), dropout_key=drop_key)
-      loss = _loss_from_hidden(model, hidden, batch, loss_cfg, neg_key)
+      loss = _loss_from_hidden(model, hidden, batch, loss_cfg, neg_key, mesh)
       aux = {}
       if prompt_cfg is not None and prompt_cfg.hard_negative_weight > 0:
         aux["hard_negative_loss"] = hard_negative_loss(model, hidden, batch)
@@ -175,13 +199,27 @@ def make_train_step(
   return train_step
 
 
-def jit_train_step(step_fn, state: TrainState, mesh: jax.sharding.Mesh, data_axis: str = "data"):
-  """Jits ``step_fn`` once with explicit shardings: state replicated, batch split over ``data_axis``.
+def state_specs(state: TrainState, tx: optax.GradientTransformation, param_specs: dict) -> TrainState:
+  """``PartitionSpec`` of every leaf of ``state``: parameters and their optimizer moments as ``param_specs``,
+  everything else (step, RNG, counters) replicated."""
+  opt_specs = optax.tree_map_params(
+    tx,
+    lambda _, spec: spec,
+    state.opt_state,
+    param_specs,
+    transform_non_params=lambda _: P(),
+    is_leaf=lambda x: isinstance(x, P),
+  )
+  return TrainState(step=P(), params=param_specs, opt_state=opt_specs, rng=P())
+
+
+def jit_train_step(step_fn, state_sharding: TrainState, mesh: jax.sharding.Mesh, data_axis: str = "data"):
+  """Jits ``step_fn`` once with explicit shardings: the state as ``state_sharding``, the batch split over
+  ``data_axis`` (rows), metrics replicated.
 
   The state argument is donated, so parameters and optimizer state are updated in place.
   """
   replicated = NamedSharding(mesh, P())
-  state_sharding = jax.tree.map(lambda _: replicated, state)
   batch_sharding = NamedSharding(mesh, P(data_axis))
   return jax.jit(
     step_fn,

@@ -196,3 +196,19 @@ def test_eval_batches_from_source(beauty):
     assert a.keys() == b.keys()
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
+
+
+@pytest.mark.parametrize("prompt_mode", [None, "interleave"])
+def test_process_local_rows_make_up_the_global_batch(beauty, prompt_mode):
+  """Each of 4 processes assembles its own block of rows; stacked, they are the 1-process batch."""
+  source = tfds_builder.InMemorySource(*beauty)
+  kwargs = dict(max_len=MAX_LEN, row_len=ROW_LEN, rows_per_batch=24, seed=SEED, prompt_mode=prompt_mode)
+  whole = pipeline.TrainInput(source, **kwargs).dataset(1)
+  parts = [pipeline.TrainInput(source, **kwargs, process_index=p, process_count=4).dataset(1) for p in range(4)]
+  for b in (0, 5, len(whole) - 1):
+    local = [part[b] for part in parts]
+    assert {x["items"].shape for x in local} == {(6, ROW_LEN)}
+    for name, value in whole[b].items():
+      np.testing.assert_array_equal(np.concatenate([x[name] for x in local]), value, err_msg=name)
+  with pytest.raises(errors.ConfigError, match="split evenly over 5 processes"):
+    pipeline.TrainInput(source, **kwargs, process_index=0, process_count=5)
