@@ -4,7 +4,7 @@ Three ways, in order of precedence:
 
 1. explicit: ``--coordinator_address=host:port --num_processes=N --process_id=i`` (or the environment
    variables ``RECGPT_COORDINATOR_ADDRESS``, ``RECGPT_NUM_PROCESSES``, ``RECGPT_PROCESS_ID``), e.g. several
-   processes on one machine (``launch/local.sh``) or any cluster without auto-detection;
+   processes on one machine (``launch/multiprocess.sh``) or any cluster without auto-detection;
 2. ``--distributed=auto``: ``jax.distributed.initialize()`` with no arguments, which reads the topology
    from the environment on Cloud TPU VMs (every worker of a pod slice) and under SLURM (``srun``);
 3. neither: a single process (the default).
