@@ -62,9 +62,11 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device]
     return jax.make_mesh((data, model), AXES, axis_types=axis_types, devices=devices)
   from jax.experimental import mesh_utils
 
-  # TPU devices know their slice; elsewhere (GPU clusters, CPU tests) each process counts as one slice.
-  by_process = not hasattr(devices[0], "slice_index")
-  granules = len({d.process_index for d in devices}) if by_process else len({d.slice_index for d in devices})
+  # Multi-slice TPU devices know their slice; elsewhere (GPU clusters, CPU tests; their devices have no
+  # slice_index or all share slice 0) each process counts as one slice.
+  slice_ids = {getattr(d, "slice_index", 0) for d in devices}
+  by_process = len(slice_ids) == 1
+  granules = len({d.process_index for d in devices}) if by_process else len(slice_ids)
   if granules != num_slices:
     kind = "processes" if by_process else "slices"
     raise ConfigError(f"mesh.*_slices ask for {num_slices} slices but the devices span {granules} {kind}")

@@ -64,10 +64,29 @@ def losses(workdir: pathlib.Path) -> list[float]:
   return [r["train/loss"] for r in lines if "train/loss" in r]
 
 
-def test_two_processes_match_one(tmp_path):
-  data = write_cyclic_dataset(tmp_path / "cyclic.txt")
-  single = tmp_path / "single"
-  finish(launch([f"--config.dataset={data}", f"--workdir={single}"], devices=2))
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+  """The 1-process reference run: (dataset, workdir)."""
+  base = tmp_path_factory.mktemp("single")
+  data = write_cyclic_dataset(base / "cyclic.txt")
+  finish(launch([f"--config.dataset={data}", f"--workdir={base / 'run'}"], devices=2))
+  return data, base / "run"
+
+
+def test_two_slices_match_one_process(single, tmp_path):
+  """A multi-slice mesh (each process a slice: `data` spans 2 slices of 1 device) trains identically."""
+  data, ref = single
+  port = free_port()
+  flags = [f"--config.dataset={data}", f"--workdir={tmp_path / 'run'}", f"--coordinator_address=localhost:{port}"]
+  flags += ["--config.mesh.data=1", "--config.mesh.data_slices=2", "--num_processes=2"]
+  procs = [launch([*flags, f"--process_id={i}"], devices=1) for i in range(2)]
+  for p in procs:
+    finish(p)
+  assert losses(tmp_path / "run") == pytest.approx(losses(ref), rel=1e-6)
+
+
+def test_two_processes_match_one(single, tmp_path):
+  data, single = single
   multi = tmp_path / "multi"
   port = free_port()
   procs = [
