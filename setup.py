@@ -24,8 +24,9 @@ setuptools.setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6"],
-        # Pinned: torch==2.13.0 is the CPU build available offline; another version pulls CUDA.
+        # torch for the PyTorch parity tests. Pinned: torch==2.13.0 is the CPU build available offline;
+        # another version pulls a multi-GB CUDA build.
+        "test": ["pytest>=8", "ruff>=0.6", "torch==2.13.0"],
         "bench": ["torch==2.13.0", "matplotlib>=3.8"],
     },
 )

@@ -385,6 +385,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: s
       meta = {**meta, "epoch": epoch + 1, "iterator": None}
       epoch_tok_s = window_tokens / max(time.time() - window_t0, 1e-9)
       line = f"epoch {epoch + 1}: loss {last_loss:.4f}, {epoch_tok_s:,.0f} tokens/s"
+      if window_tokens == 0:  # resumed from a checkpoint taken after the epoch's last step
+        line = f"epoch {epoch + 1}: resumed after its last step"
       if (epoch + 1) % c.train.eval_every_epochs == 0 or epoch + 1 == c.train.num_epochs:
         valid = run.evaluate(state.params, "valid")
         log.write(step, {f"valid/{k}": v for k, v in valid.items()} | {"epoch": epoch + 1})
