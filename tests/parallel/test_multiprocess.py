@@ -15,22 +15,14 @@ import sys
 import pytest
 
 from tests.helpers import write_cyclic_dataset
+from tests.test_cli import TINY
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ARGS = [
   "--config=experiments/configs/default.py",
-  "--config.max_len=12",
-  "--config.model.hidden=16",
-  "--config.model.num_layers=1",
-  "--config.model.ffn=32",
-  "--config.model.vocab_multiple=8",
-  "--config.train.num_epochs=2",
-  "--config.train.row_len=16",
-  "--config.train.rows_per_batch=8",
+  *TINY,
   "--config.train.log_every_steps=1",
   "--config.train.checkpoint_every_steps=4",
-  "--config.eval.rows_per_batch=48",
-  "--config.eval.users_per_batch=64",
   "--config.mesh.data=2",
 ]
 
