@@ -105,7 +105,3 @@ def param_specs(model: nnx.Module, rules: Rules) -> dict[str, Any]:
 def shardings(specs: Any, mesh: Mesh) -> Any:
   """``NamedSharding`` for every ``PartitionSpec`` leaf of ``specs``."""
   return jax.tree.map(lambda p: NamedSharding(mesh, p), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
-
-
-def axis_size(mesh: Mesh, axis: str) -> int:
-  return int(mesh.shape[axis])

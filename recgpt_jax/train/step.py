@@ -103,13 +103,15 @@ def _loss_from_hidden(model, hidden, batch: Batch, loss_cfg: LossConfig, neg_key
 def prompted_batch(gen_model, batch: Batch, prompt_cfg: PromptConfig, mesh=None) -> Batch:
   """Generates the prompts with ``gen_model`` (no dropout) and returns the prompted view as model inputs.
 
-  With ``mesh``, each column's candidate items come from the two-stage top-k over the vocabulary-sharded
-  table (``recgpt_jax.parallel.topk``) instead of a top-k along the sharded axis of the scores.
+  With a ``mesh`` whose ``model`` axis splits the vocabulary, each column's candidate items come from the
+  two-stage top-k over the sharded table (``recgpt_jax.parallel.topk``) instead of a top-k along the
+  sharded axis of the scores (that scores the table a second time; an unsplit vocabulary takes the
+  candidates from the scores directly).
   """
   hidden = gen_model(*(batch[k] for k in MODEL_INPUTS))  # the real view: true prefixes
   scores = gen_model.logits(hidden, prompt_cfg.head)
   candidates = None
-  if mesh is not None:
+  if mesh is not None and mesh.shape["model"] > 1:
     rows, length, dim = hidden.shape
     table, bias = gen_model.head_weights(prompt_cfg.head)
     num_items = gen_model.cfg.num_items
