@@ -440,7 +440,10 @@ def build_runner(part, variant, mcfg, graphdef, params0, np_batches, lr, cfg, ma
       rep = jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), state)
       loss_cfg = step_lib.LossConfig(kind="ce" if prompt else "bce")
       prompt_cfg = step_lib.PromptConfig(mode="last", width=1) if prompt else None
-      step = step_lib.jit_train_step(step_lib.make_train_step(graphdef_t, tx, loss_cfg, prompt_cfg), rep, mesh)
+      adam = optim.adam_spec(cfg.optimizer, 1000)  # row-sparse table updates, as the training loop
+      step = step_lib.jit_train_step(
+        step_lib.make_train_step(graphdef_t, tx, loss_cfg, prompt_cfg, adam=adam), rep, mesh
+      )
       warm = [jax.device_put(b) for b in warm_batches]
       timed_dev = [jax.device_put(b) for b in timed_batches]
       box = {"state": state}

@@ -121,7 +121,10 @@ def main(argv):
     tx = optim.make_optimizer(cfg.optimizer, 1000)
     graphdef, state = step_lib.init_state(RecGPT(model_cfg, rngs=nnx.Rngs(0)), tx, 0)
     replicated = jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), state)
-    step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, loss_cfg, prompt_cfg), replicated, mesh)
+    adam = optim.adam_spec(cfg.optimizer, 1000)  # row-sparse table updates, as the training loop
+    step = step_lib.jit_train_step(
+      step_lib.make_train_step(graphdef, tx, loss_cfg, prompt_cfg, adam=adam), replicated, mesh
+    )
     batches = [jax.device_put(b) for b in batches]
     t0 = time.perf_counter()
     state, _ = step(state, batches[0])

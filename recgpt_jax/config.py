@@ -43,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.loss = "ce"  # 'ce' (full softmax), 'bce' (reference: one random negative), 'sampled_softmax'
   c.train.num_negatives = 256  # negatives per batch for sampled_softmax
   c.train.head = "tied"  # head used by the loss: 'tied' (item table) or 'untied'
+  c.train.row_sparse = True  # update gather-only tables (users; items under a sampled loss) by row: exact, faster
   c.train.num_epochs = 20  # passes over the training users
   c.train.max_steps = 0  # stop after this many steps in total (0 = no limit)
   c.train.row_len = 64  # length of a packed row (>= max_len); several users share a row

@@ -161,7 +161,14 @@ class Run:
     self.graphdef, state = step_lib.init_state(model, self.tx, c.seed)
     self.state_sharding = mesh_lib.shardings(step_lib.state_specs(state, self.tx, self.param_specs), self.mesh)
     self.state = jax.device_put(state, self.state_sharding)
-    step_fn = step_lib.make_train_step(self.graphdef, self.tx, self.loss_cfg, self.prompt_cfg, self.mesh)
+    step_fn = step_lib.make_train_step(
+      self.graphdef,
+      self.tx,
+      self.loss_cfg,
+      self.prompt_cfg,
+      self.mesh,
+      adam=optim.adam_spec(c.optimizer, self.total_steps) if c.train.row_sparse else None,
+    )
     self.train_step = step_lib.jit_train_step(step_fn, self.state_sharding, self.mesh)
     self.batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
     self._eval_on_device: dict[str, list] = {}

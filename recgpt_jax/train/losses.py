@@ -30,24 +30,33 @@ def sample_negatives(
   """One uniform negative per position from the items its user never touched in the row.
 
   Exact, with no rejection loop: with ``s_1 < ... < s_m`` the user's distinct items (inputs and targets
-  in the row), the ``u``-th item (0-based) of the complement of ``{s_k}`` in ``1..num_items`` is
-  ``u + 1 + #{k : s_k - k <= u}``; ``u`` is drawn uniformly from ``[0, num_items - m)``.
+  in the row, restricted to ``1..num_items``), the ``u``-th item (0-based) of the complement of ``{s_k}`` in
+  ``1..num_items`` is ``u + 1 + #{k : s_k - k <= u}``; ``u`` is drawn uniformly from ``[0, num_items - m)``
+  (a user owning every item gets ``num_items``).
+
+  No sort: the user's set is the same at all its positions, so each distinct value is represented once by
+  its first occurrence among the row's ``2 * len`` tokens (inputs, then targets), its rank ``k`` is the
+  number of first occurrences of the same user at most its value (pairwise comparisons ``[rows, 2len,
+  2len]``), and ``m`` and the skip count of position ``i`` are masked counts over the first occurrences of
+  ``i``'s user (``[rows, len, 2len]``). Every position, padding included (its "user" is ``seq_id`` 0),
+  gets the same value as sorting its user's items would give.
 
   Returns:
     ``[rows, len]`` int32 negatives (arbitrary at padding positions).
   """
-  big = num_items + 1
-  same_user = seq_ids[:, :, None] == seq_ids[:, None, :]  # [r, i, j]
-  owned = jnp.concatenate([items, targets], axis=-1)  # [r, 2l]
-  owned = jnp.where(jnp.concatenate([same_user, same_user], axis=-1) & (owned[:, None, :] > 0), owned[:, None, :], big)
-  owned = jnp.sort(owned, axis=-1)  # [r, i, 2l]
-  dup = jnp.concatenate([jnp.zeros_like(owned[..., :1], bool), owned[..., 1:] == owned[..., :-1]], axis=-1)
-  owned = jnp.sort(jnp.where(dup, big, owned), axis=-1)
-  valid = owned < big
-  num_owned = jnp.sum(valid, axis=-1)
+  tokens = jnp.concatenate([items, targets], axis=-1).astype(jnp.int32)  # [r, 2l]
+  users = jnp.concatenate([seq_ids, seq_ids], axis=-1)
+  same = users[:, :, None] == users[:, None, :]  # [r, j, k]
+  earlier = jnp.tri(tokens.shape[-1], k=-1, dtype=bool)  # k < j
+  repeats = jnp.sum(same & (tokens[:, :, None] == tokens[:, None, :]) & earlier, axis=-1, dtype=jnp.int32)
+  # [r, 2l]: the first occurrence of each distinct (user, item); a token outside 1..num_items owns nothing.
+  first = (tokens > 0) & (tokens <= num_items) & (repeats == 0)
+  rank = jnp.sum(same & first[:, None, :] & (tokens[:, None, :] <= tokens[:, :, None]), axis=-1, dtype=jnp.int32)
+  gap = jnp.where(first, tokens - rank, jnp.iinfo(jnp.int32).max)  # s_k - k at first occurrences, else never <= u
+  mine = seq_ids[:, :, None] == users[:, None, :]  # [r, i, j]
+  num_owned = jnp.sum(mine & first[:, None, :], axis=-1)
   u = jnp.floor(jax.random.uniform(key, items.shape) * (num_items - num_owned)).astype(jnp.int32)
-  rank = jnp.arange(1, owned.shape[-1] + 1, dtype=jnp.int32)
-  skip = jnp.sum(valid & (owned - rank <= u[..., None]), axis=-1)
+  skip = jnp.sum(mine & (gap[:, None, :] <= u[..., None]), axis=-1)
   return jnp.clip(u + 1 + skip, 1, num_items).astype(jnp.int32)
 
 

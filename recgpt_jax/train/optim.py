@@ -7,6 +7,7 @@ import ml_collections
 import optax
 
 from recgpt_jax.errors import ConfigError
+from recgpt_jax.train import rows
 
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "linear")
 
@@ -36,6 +37,17 @@ def _decay_mask(params):
     return leaf.ndim == 2 and names[-1] == "kernel"
 
   return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def adam_spec(cfg: ml_collections.ConfigDict, total_steps: int) -> rows.AdamSpec:
+  """What the row-sparse table update (``recgpt_jax.train.rows``) needs to know of ``make_optimizer(cfg)``."""
+  return rows.AdamSpec(
+    b1=cfg.b1,
+    b2=cfg.b2,
+    eps=cfg.eps,
+    schedule=learning_rate_schedule(cfg, total_steps),
+    clip_norm=float(cfg.clip_norm or 0.0),
+  )
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:

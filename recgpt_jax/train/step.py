@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from recgpt_jax.parallel import topk, vocab
-from recgpt_jax.train import losses, prompts
+from recgpt_jax.train import losses, prompts, rows
 
 Batch = dict[str, jax.Array]
 MODEL_INPUTS = ("items", "positions", "segments", "seq_ids", "users")
@@ -85,32 +85,40 @@ class PromptConfig:
   hard_negative_weight: float = 0.0
 
 
-def _loss_from_hidden(model, hidden, batch: Batch, loss_cfg: LossConfig, neg_key: jax.Array, mesh) -> jax.Array:
+def _negatives(key: jax.Array, batch: Batch, loss_cfg: LossConfig, num_items: int) -> jax.Array | None:
+  """Negatives of the sampled losses (they depend on no parameter, so they are drawn outside the gradient)."""
+  if loss_cfg.kind == "bce":
+    return losses.sample_negatives(key, batch["items"], batch["targets"], batch["seq_ids"], num_items)
+  if loss_cfg.kind == "sampled_softmax":
+    return jax.random.randint(key, (loss_cfg.num_negatives,), 1, num_items + 1, dtype=jnp.int32)
+  return None
+
+
+def _loss_from_hidden(model, hidden, batch: Batch, loss_cfg: LossConfig, mesh) -> jax.Array:
   targets = batch["targets"]
-  num_items = model.cfg.num_items
   table, bias = model.head_weights(loss_cfg.head)
   if loss_cfg.kind == "ce":
     if mesh is None:
       return losses.full_softmax_ce(model.logits(hidden, loss_cfg.head), targets)
-    return vocab.sharded_softmax_ce(hidden, table, targets, mesh=mesh, num_valid=num_items + 1, bias_v=bias)
+    return vocab.sharded_softmax_ce(hidden, table, targets, mesh=mesh, num_valid=model.cfg.num_items + 1, bias_v=bias)
   if loss_cfg.kind == "bce":
-    negatives = losses.sample_negatives(neg_key, batch["items"], targets, batch["seq_ids"], num_items)
-    return losses.bce_loss(hidden, table, targets, negatives)
-  negatives = jax.random.randint(neg_key, (loss_cfg.num_negatives,), 1, num_items + 1, dtype=jnp.int32)
-  return losses.sampled_softmax(hidden, table, targets, negatives)
+    return losses.bce_loss(hidden, table, targets, batch["negatives"])
+  return losses.sampled_softmax(hidden, table, targets, batch["negatives"])
 
 
 def prompted_batch(gen_model, batch: Batch, prompt_cfg: PromptConfig, mesh=None) -> Batch:
   """Generates the prompts with ``gen_model`` (no dropout) and returns the prompted view as model inputs.
 
-  With a ``mesh`` whose ``model`` axis splits the vocabulary, each column's candidate items come from the
-  two-stage top-k over the sharded table (``recgpt_jax.parallel.topk``) instead of a top-k along the
-  sharded axis of the scores (that scores the table a second time; an unsplit vocabulary takes the
-  candidates from the scores directly).
+  Each column's candidate items are the top of its scores: over the whole table at once, or, with a
+  ``mesh`` whose ``model`` axis splits the vocabulary, from the two-stage top-k over the sharded table
+  (``recgpt_jax.parallel.topk``; no full score array then). The rare column whose candidates are all used
+  is scored again on its own from the hidden states (``prompts.pick_from_candidates``).
   """
   hidden = gen_model(*(batch[k] for k in MODEL_INPUTS))  # the real view: true prefixes
-  scores = gen_model.logits(hidden, prompt_cfg.head)
-  candidates = None
+
+  def column_scores(hidden_rd):
+    return gen_model.logits(hidden_rd, prompt_cfg.head)
+
   if mesh is not None and mesh.shape["model"] > 1:
     rows, length, dim = hidden.shape
     table, bias = gen_model.head_weights(prompt_cfg.head)
@@ -124,7 +132,9 @@ def prompted_batch(gen_model, batch: Batch, prompt_cfg: PromptConfig, mesh=None)
       num_valid=num_items + 1,
     )
     candidates = candidates.reshape(rows, length, -1)
-  picks = prompts.pick_prompt_items(scores, batch, prompt_cfg.mode, prompt_cfg.width, candidates)
+  else:
+    candidates = prompts.top_candidates(column_scores(hidden))
+  picks = prompts.pick_from_candidates(candidates, batch, prompt_cfg.mode, prompt_cfg.width, hidden, column_scores)
   return {
     "items": prompts.fill_prompts(picks, batch),
     "positions": batch["p_positions"],
@@ -162,6 +172,8 @@ def make_train_step(
   loss_cfg: LossConfig,
   prompt_cfg: PromptConfig | None = None,
   mesh: jax.sharding.Mesh | None = None,
+  *,
+  adam: rows.AdamSpec | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """Returns the pure (un-jitted) train step ``(state, batch) -> (state, metrics)``.
 
@@ -169,31 +181,45 @@ def make_train_step(
   from the *current* parameters (no gradient flows through generation) and trains on the prompted view.
   With ``mesh`` (axes ``data`` and ``model``), the full-softmax loss runs per vocabulary shard
   (``recgpt_jax.parallel.vocab``); without it, over the whole table on one device.
+
+  With ``adam`` (the hyper-parameters of ``tx``, from ``optim.adam_spec``), tables the step only gathers
+  (the user table; the item table under a sampled loss with the tied head) are differentiated and updated by
+  the rows the batch uses (``recgpt_jax.train.rows``): the same optimizer step without a table-sized
+  gradient. Without it, every parameter gets a dense gradient and ``tx`` alone updates them.
   """
 
   def train_step(state: TrainState, batch: Batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    drop_key, neg_key = jax.random.split(key)
     metrics = {}
     if prompt_cfg is not None:
       batch = prompted_batch(nnx.merge(graphdef, jax.lax.stop_gradient(state.params)), batch, prompt_cfg, mesh)
+    cfg = nnx.merge(graphdef, state.params).cfg
+    negatives = _negatives(neg_key, batch, loss_cfg, cfg.num_items)
+    if negatives is not None:
+      batch = {**batch, "negatives": negatives}
+    tables = rows.row_tables(cfg.user_module, loss_cfg.kind, loss_cfg.head) if adam is not None else ()
+    params, batch, ids = rows.take_rows(state.params, batch, tables)
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params)
-      drop_key, neg_key = jax.random.split(key)
       hidden = model(*(batch[k] for k in MODEL_INPUTS), dropout_key=drop_key)
-      loss = _loss_from_hidden(model, hidden, batch, loss_cfg, neg_key, mesh)
+      loss = _loss_from_hidden(model, hidden, batch, loss_cfg, mesh)
       aux = {}
       if prompt_cfg is not None and prompt_cfg.hard_negative_weight > 0:
         aux["hard_negative_loss"] = hard_negative_loss(model, hidden, batch)
         loss = loss + prompt_cfg.hard_negative_weight * aux["hard_negative_loss"]
       return loss, aux
 
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    if tables:
+      params, opt_state = rows.apply_updates(tx, adam, grads, state.opt_state, state.params, tables, ids)
+    else:
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
     metrics |= aux | {
       "loss": loss,
-      "grad_norm": optax.tree.norm(grads),
+      "grad_norm": optax.tree.norm(grads),  # the tables' rows are unique, so this is the dense norm
       "tokens": jnp.sum(batch["targets"] > 0),
     }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

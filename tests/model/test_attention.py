@@ -90,3 +90,23 @@ def test_dropout_identity_without_key_and_scaled_with_key():
   y = attention.dropout(x, 0.5, jax.random.key(0))
   assert set(np.unique(np.asarray(y)).tolist()) <= {0.0, 2.0}
   assert 400 < int(jnp.sum(y > 0)) < 600
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5, 0.9])
+def test_keep_mask_rate_and_independence(rate):
+  """Counter-hash dropout masks: kept fraction within 5 standard deviations of 1 - rate, two keys agree as
+  independent draws would (p^2 + (1-p)^2), neighbouring entries and rows are uncorrelated, same key = same mask."""
+  shape = (400, 500)
+  n = shape[0] * shape[1]
+  a = np.asarray(attention.keep_mask(jax.random.key(0), rate, shape))
+  b = np.asarray(attention.keep_mask(jax.random.key(1), rate, shape))
+  keep = 1.0 - rate
+  sd = (keep * rate / n) ** 0.5
+  assert abs(a.mean() - keep) < 5 * sd
+  assert abs((a == b).mean() - (keep**2 + rate**2)) < 5 * (0.25 / n) ** 0.5 + 1e-3
+  flat = a.ravel().astype(np.float64)
+  for lag in (1, shape[1]):  # next element, next row
+    assert abs(np.corrcoef(flat[:-lag], flat[lag:])[0, 1]) < 0.02
+  np.testing.assert_array_equal(a, np.asarray(attention.keep_mask(jax.random.key(0), rate, shape)))
+  folded = np.asarray(attention.keep_mask(jax.random.fold_in(jax.random.key(0), 1), rate, shape))
+  assert abs((a == folded).mean() - (keep**2 + rate**2)) < 5 * (0.25 / n) ** 0.5 + 1e-3

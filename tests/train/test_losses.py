@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from recgpt_jax.train import losses
 
@@ -60,3 +61,97 @@ def test_negatives_avoid_users_items():
   # Uniform over the complement: every allowed item is drawn, in roughly equal shares.
   assert np.bincount(seen[0], minlength=7)[5:].min() > 70
   assert np.bincount(seen[3], minlength=7)[1:5].min() > 30
+
+
+def _sort_based_negatives(key, items, targets, seq_ids, num_items):
+  """The original sampler (two sorts per position), kept as the reference for the sort-free one."""
+  big = num_items + 1
+  same_user = seq_ids[:, :, None] == seq_ids[:, None, :]  # [r, i, j]
+  owned = jnp.concatenate([items, targets], axis=-1)  # [r, 2l]
+  owned = jnp.where(jnp.concatenate([same_user, same_user], axis=-1) & (owned[:, None, :] > 0), owned[:, None, :], big)
+  owned = jnp.sort(owned, axis=-1)  # [r, i, 2l]
+  dup = jnp.concatenate([jnp.zeros_like(owned[..., :1], bool), owned[..., 1:] == owned[..., :-1]], axis=-1)
+  owned = jnp.sort(jnp.where(dup, big, owned), axis=-1)
+  valid = owned < big
+  num_owned = jnp.sum(valid, axis=-1)
+  u = jnp.floor(jax.random.uniform(key, items.shape) * (num_items - num_owned)).astype(jnp.int32)
+  rank = jnp.arange(1, owned.shape[-1] + 1, dtype=jnp.int32)
+  skip = jnp.sum(valid & (owned - rank <= u[..., None]), axis=-1)
+  return jnp.clip(u + 1 + skip, 1, num_items).astype(jnp.int32)
+
+
+def _packed_batch(rng, rows, length, num_items, max_users, pool, shifted):
+  """Rows packed with up to ``max_users`` users, then padding; each user draws from ``pool`` items (repeats).
+
+  Targets are the next inputs when ``shifted``, else drawn independently (so a user owns up to ``2 * len``).
+  """
+  items = np.zeros((rows, length), np.int32)
+  targets = np.zeros((rows, length), np.int32)
+  seq_ids = np.zeros((rows, length), np.int32)
+  for r in range(rows):
+    users = int(rng.integers(1, max_users + 1))
+    cuts = np.sort(rng.choice(np.arange(1, length + 1), size=users, replace=False))
+    start = 0
+    for user, end in enumerate(cuts, start=1):
+      if end - start < 1:
+        continue
+      own = rng.choice(np.arange(1, num_items + 1), size=min(pool, num_items), replace=False)
+      seq = rng.choice(own, size=end - start + 1)
+      items[r, start:end], targets[r, start:end], seq_ids[r, start:end] = seq[:-1], seq[1:], user
+      if not shifted:
+        targets[r, start:end] = rng.choice(own, size=end - start)
+      if rng.random() < 0.3:
+        targets[r, end - 1] = 0  # a last token without a target
+      start = end
+  return jnp.asarray(items), jnp.asarray(targets), jnp.asarray(seq_ids)
+
+
+# (rows, len, num_items, max users per row, items per user's pool, targets are the next inputs)
+_NEGATIVE_CASES = [
+  (6, 20, 12101, 4, 30, True),  # big catalogue, few repeats, padding after the last user
+  (6, 20, 40, 5, 6, True),  # many repeats within each user
+  (4, 24, 12101, 1, 12101, False),  # one user per row owning up to 48 distinct items
+  (4, 24, 60, 2, 60, False),  # users owning a large share of a small catalogue
+  (5, 12, 5, 3, 5, True),  # tiny catalogue: users own most or all of it
+  (4, 16, 3, 2, 3, False),  # users owning the whole catalogue
+  (3, 10, 1, 2, 1, True),  # a single item
+]
+
+
+@pytest.mark.parametrize("case", _NEGATIVE_CASES)
+def test_sort_free_negatives_match_sort_based(case):
+  rows, length, num_items, max_users, pool, shifted = case
+  rng = np.random.default_rng(sum(case))
+  fast = jax.jit(losses.sample_negatives, static_argnums=4)
+  reference = jax.jit(_sort_based_negatives, static_argnums=4)
+  for trial in range(4):
+    items, targets, seq_ids = _packed_batch(rng, rows, length, num_items, max_users, pool, shifted)
+    for seed in range(3):
+      key = jax.random.key(100 * trial + seed)
+      want = np.asarray(reference(key, items, targets, seq_ids, num_items))
+      got = np.asarray(fast(key, items, targets, seq_ids, num_items))
+      assert got.dtype == np.int32
+      np.testing.assert_array_equal(got, want)  # every position, padding included
+      # Negatives are real items the user never touched in the row (unless the user owns the whole catalogue).
+      its, tgs, sids = map(np.asarray, (items, targets, seq_ids))
+      for r in range(rows):
+        for i in np.flatnonzero(sids[r]):
+          user = sids[r] == sids[r, i]
+          owned = (set(its[r][user]) | set(tgs[r][user])) - {0}
+          assert 1 <= got[r, i] <= num_items
+          if len(owned) < num_items:
+            assert got[r, i] not in owned
+
+
+def test_sort_free_negatives_match_with_junk_padding():
+  # Padding tokens (seq_id 0) carrying items, and the same item owned by different users of the row.
+  items = jnp.array([[3, 4, 3, 7, 4, 9, 2, 0], [5, 5, 5, 1, 8, 8, 0, 6]], jnp.int32)
+  targets = jnp.array([[4, 3, 0, 4, 9, 0, 6, 1], [5, 5, 0, 8, 8, 0, 2, 0]], jnp.int32)
+  seq_ids = jnp.array([[1, 1, 1, 2, 2, 2, 0, 0], [1, 1, 1, 2, 2, 3, 0, 0]], jnp.int32)
+  for num_items in (9, 10, 12101):
+    for seed in range(5):  # eagerly, without jit
+      key = jax.random.key(seed)
+      np.testing.assert_array_equal(
+        np.asarray(losses.sample_negatives(key, items, targets, seq_ids, num_items)),
+        np.asarray(_sort_based_negatives(key, items, targets, seq_ids, num_items)),
+      )

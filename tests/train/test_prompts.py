@@ -147,3 +147,35 @@ def test_candidate_scan_equals_direct_used_set(mode, width):
     jb = {k: jnp.asarray(v) for k, v in batch.items()}
     got = np.asarray(prompts.pick_prompt_items(jnp.asarray(scores), jb, mode, width))
     np.testing.assert_array_equal(got, _reference_picks(scores, batch, mode, width))
+
+
+@pytest.mark.parametrize(("mode", "width"), [("last", 1), ("interleave", 2)])
+def test_picks_from_hidden_states_equal_picks_from_full_scores(monkeypatch, mode, width):
+  """The training step keeps only the candidates and re-scores a column from its hidden states when they run
+  out; that must pick exactly what the full score array picks. Two candidates per column make the fallback
+  frequent (checked: some picks are not among their column's candidates)."""
+  import jax
+  from flax import nnx
+
+  from recgpt_jax.model.transformer import ModelConfig, RecGPT
+
+  monkeypatch.setattr(prompts, "NUM_CANDIDATES", 2)
+  rng = np.random.default_rng(0)
+  seqs = [rng.choice(np.arange(1, 21), size=rng.integers(6, 12), replace=False) for _ in range(12)]
+  source = tfds_builder.InMemorySource(np.arange(1, 13), seqs)
+  ti = pipeline.TrainInput(
+    source, max_len=12, row_len=24, rows_per_batch=3, seed=0, prompt_mode=mode, prompt_width=width
+  )
+  jb = {k: jnp.asarray(v) for k, v in next(iter(ti.epoch_iterator(0))).items()}
+  cfg = ModelConfig(num_items=20, num_users=12, max_len=24, hidden=8, num_layers=1, num_heads=2, ffn=16)
+  model = RecGPT(cfg, rngs=nnx.Rngs(0))
+  hidden = model(*(jb[k] for k in ("items", "positions", "segments", "seq_ids", "users")))
+  want = np.asarray(prompts.pick_prompt_items(model.logits(hidden), jb, mode, width))
+  candidates = prompts.top_candidates(model.logits(hidden))
+  got = np.asarray(
+    jax.jit(prompts.pick_from_candidates, static_argnums=(2, 3, 5))(candidates, jb, mode, width, hidden, model.logits)
+  )
+  np.testing.assert_array_equal(got, want)
+  real = np.asarray(jb["seq_ids"]) > 0
+  outside = ~np.any(got[..., :, None] == np.asarray(candidates)[..., None, :], axis=-1)
+  assert outside[real].any()
