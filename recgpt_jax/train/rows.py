@@ -9,15 +9,17 @@ dense gradient of the whole table (a zero fill plus a scatter-add) that Adam the
    and ids keep their order and equalities) into a small sub-table and renumbers the batch's ids into it;
 2. differentiates with respect to the sub-table, whose gradient is ``[rows used, hidden]`` with duplicate
    ids already summed;
-3. applies the optimizer exactly (``apply_updates``): first to every parameter with a zero gradient for the
-   tables — for a row no token touched that *is* its update (Adam still decays its moments and moves it by
-   its momentum), and XLA fuses the zero into the update instead of materialising it — then once more to the
-   gathered rows with their real gradients, written back over those rows. Both passes run the same optax
-   transformation, so any element-wise chain (Adam, AdamW with a mask, schedules) gives the dense result;
-   global-norm clipping is applied beforehand over the full (sparse) gradient, after which the chain's own
-   clipping is the identity.
+3. applies Adam exactly (``apply_updates``): ``tx`` updates every other parameter as usual, and each table
+   is updated with Adam's formulas written so that nothing table-sized but the parameter and its two
+   moments is touched, each once and in place: ``mu' = (b1 mu).at[rows].add((1 - b1) g)`` (and likewise
+   ``nu``), then ``p' = p - lr (mu' / c1) / (sqrt(nu' / c2) + eps)`` over the whole table — a row no token
+   touched still gets its zero-gradient update (decayed moments, a step along its momentum).
 
-The result equals the dense step up to float summation order (tested).
+A first version ran the optax chain twice (all rows with a zero gradient, then the gathered rows) to stay
+generic; XLA then copied the moments to keep both readers apart and it was 4x slower than the dense update
+(a scratch micro-benchmark: 24 ms vs 5.7 ms per step for the 22k x 256 table; this form: 4.6 ms), so the
+update is Adam-specific. Only the tables get a row update; they carry no weight decay (the optimizer's mask
+covers matrices named ``kernel``). The result equals the dense step up to float summation order (tested).
 """
 
 from __future__ import annotations
@@ -92,8 +94,11 @@ def take_rows(params: dict, batch: dict, tables: tuple[RowTable, ...]) -> tuple[
     keys = [k for k in table.keys if k in batch]
     flat = jnp.concatenate([jnp.zeros((1,), jnp.int32)] + [batch[k].reshape(-1).astype(jnp.int32) for k in keys])
     rows = _get(params, table.path)
-    ids, inverse = jnp.unique(flat, size=flat.size, fill_value=rows.shape[0], return_inverse=True)
-    inverse = inverse.reshape(-1)
+    # Sorted unique ids without a sort (XLA's CPU sort is slow): mark the ids present in a table-length
+    # vector; an id's rank among them is a prefix count.
+    present = jnp.zeros((rows.shape[0],), bool).at[flat].set(True, mode="drop")
+    ids = jnp.nonzero(present, size=flat.size, fill_value=rows.shape[0])[0].astype(jnp.int32)
+    inverse = (jnp.cumsum(present, dtype=jnp.int32) - 1)[flat]
     params = _replace(params, table.path, jnp.take(rows, ids, axis=0, mode="clip"))
     start = 1
     batch = dict(batch)
