@@ -49,6 +49,7 @@ from flax import nnx
 from experiments.torch_recgpt import convert
 from experiments.torch_recgpt import steps as tsteps
 from experiments.torch_recgpt.model import TorchRecGPT
+from recgpt_jax import allocator
 from recgpt_jax.config import base_config
 from recgpt_jax.data import io, packing, pipeline, split, tfds_builder
 from recgpt_jax.eval.metrics import make_eval_step
@@ -73,6 +74,9 @@ _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "Variants to run.")
 _OUT = flags.DEFINE_string("out", "experiments/results", "Where to write bench_torch.{json,md,png}.")
 _QUICK = flags.DEFINE_bool("quick", False, "Smoke run: tiny model, few users, 1024^2 matmul.")
 _DATASET = flags.DEFINE_string("dataset", "Beauty", "Bundled dataset.")
+_ALLOCATOR = flags.DEFINE_enum(
+  "allocator", "auto", allocator.CHOICES, "Memory allocator (recgpt_jax.allocator): auto = tcmalloc if present."
+)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -256,6 +260,7 @@ class Runner:
 
 def main(argv):
   del argv
+  allocator.use(_ALLOCATOR.value)  # re-executes this command on tcmalloc when asked and available
   quick = _QUICK.value
   torch.set_num_threads(2)
   load_start = os.getloadavg()
@@ -600,6 +605,7 @@ def summarise(runners, part_info, ceiling, load_start, variants, quick, t_start)
     "machine": loop.machine_description(),
     "git_commit": loop.git_commit(),
     "jax_version": jax.__version__,
+    "allocator": allocator.loaded(),
     "torch_version": torch.__version__,
     "torch_threads": torch.get_num_threads(),
     "load_average_start": load_start,
@@ -651,7 +657,8 @@ def write_markdown(path: pathlib.Path, rec: dict) -> str:
   lines = [
     "# JAX vs PyTorch (eager, compiled), reference configuration" + (" (QUICK smoke run)" if rec["quick"] else ""),
     "",
-    f"`{rec['command']}` on {rec['date_utc']}, {rec['machine']}, jax {rec['jax_version']}, torch"
+    f"`{rec['command']}` on {rec['date_utc']}, {rec['machine']}, {rec['allocator']} malloc,"
+    f" jax {rec['jax_version']}, torch"
     f" {rec['torch_version']} ({rec['torch_threads']} threads), commit {rec['git_commit']}. Load average"
     f" {rec['load_average_start'][0]:.2f} at start, {rec['load_average_end'][0]:.2f} at end (shared machine)."
     f" Matmul ceiling ({rec['matmul_ceiling']['jax']['n']}^2 float32): jax"

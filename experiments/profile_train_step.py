@@ -36,6 +36,7 @@ import json
 import os
 import pathlib
 import re
+import resource
 import shutil
 import statistics
 import sys
@@ -49,6 +50,7 @@ import optax
 from absl import app, flags
 from flax import nnx
 
+from recgpt_jax import allocator
 from recgpt_jax.config import base_config
 from recgpt_jax.data import io, pipeline, tfds_builder
 from recgpt_jax.model.transformer import ModelConfig, RecGPT
@@ -72,6 +74,9 @@ _ABLATION_ROUNDS = flags.DEFINE_integer("ablation_rounds", 12, "Interleaved abla
 _OUT = flags.DEFINE_string("out", "experiments/results", "Where to write profile_train_step.{json,md}.")
 _TRACE_DIR = flags.DEFINE_string("trace_dir", "", "Keep the raw traces here (default: a temporary directory).")
 _DATASET = flags.DEFINE_string("dataset", "Beauty", "Bundled dataset.")
+_ALLOCATOR = flags.DEFINE_enum(
+  "allocator", "auto", allocator.CHOICES, "Memory allocator (recgpt_jax.allocator): auto = tcmalloc if present."
+)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -405,7 +410,9 @@ def profile_part(data, source, part: str, steps: int, trace_root: pathlib.Path) 
   box = Box(step, state)
   for b in dev[:WARMUP_STEPS]:
     box(b)
+  faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   timed = [box(b) for b in dev[WARMUP_STEPS:]]
+  faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / len(timed)
   trace_dir = trace_root / part
   jax.profiler.start_trace(str(trace_dir))
   traced = [box(b) for b in dev[WARMUP_STEPS:]]
@@ -440,6 +447,7 @@ def profile_part(data, source, part: str, steps: int, trace_root: pathlib.Path) 
     "wall_ms_median": wall,
     "wall_ms_all": [t * 1e3 for t in timed],
     "traced_wall_ms_median": wall_traced,
+    "minor_page_faults_per_step": faults,  # fresh pages the allocator hands the step (see recgpt_jax.allocator)
     "traced_executions": runs,
     "op_total_over_wall": summary["op_total_ms_per_step"] / wall,
     **summary,
@@ -483,7 +491,8 @@ def write_markdown(path: pathlib.Path, rec: dict) -> str:
   lines = [
     "# Where the time goes: JAX training steps at the reference configuration",
     "",
-    f"`{rec['command']}` on {rec['date_utc']}, {rec['machine']}, jax {rec['jax_version']}, commit"
+    f"`{rec['command']}` on {rec['date_utc']}, {rec['machine']}, {rec['allocator']} malloc,"
+    f" jax {rec['jax_version']}, commit"
     f" {rec['git_commit']}. Load average {rec['load_average_start'][0]:.2f} at start,"
     f" {rec['load_average_end'][0]:.2f} at end (shared machine).",
     "",
@@ -495,7 +504,8 @@ def write_markdown(path: pathlib.Path, rec: dict) -> str:
       f"## {part}",
       "",
       f"Loss {p['loss']}; dropout attention {p['dropout']['attn']} / hidden {p['dropout']['hidden']}; {p['batches']}."
-      f" Median wall time {p['wall_ms_median']:.1f} ms/step ({p['traced_wall_ms_median']:.1f} while tracing)."
+      f" Median wall time {p['wall_ms_median']:.1f} ms/step ({p['traced_wall_ms_median']:.1f} while tracing);"
+      f" {p['minor_page_faults_per_step']:,.0f} minor page faults per step ({rec['allocator']} malloc)."
       f" Op total (self times summed over threads) {p['op_total_ms_per_step']:.1f} ms/step ="
       f" {p['op_total_over_wall']:.2f}x the untraced wall time (ops overlap on the threads). {p['num_ops']} distinct"
       f" ops, {p['traced_executions']} traced executions, {len(p['ops_not_in_hlo'])} traced ops not found in the HLO.",
@@ -539,6 +549,7 @@ def write_markdown(path: pathlib.Path, rec: dict) -> str:
 
 def main(argv):
   del argv
+  allocator.use(_ALLOCATOR.value)  # re-executes this command on tcmalloc when asked and available
   load_start = os.getloadavg()
   t_start = time.time()
   parts = [p for p in _PARTS.value if p]
@@ -567,6 +578,7 @@ def main(argv):
     "machine": loop.machine_description(),
     "git_commit": loop.git_commit(),
     "jax_version": jax.__version__,
+    "allocator": allocator.loaded(),
     "load_average_start": load_start,
     "load_average_end": os.getloadavg(),
     "config": f"{_DATASET.value}; hidden 256, 1 layer, 2 heads, FFN 512, flow attention, post-norm, user module,"

@@ -40,6 +40,13 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process run: this 
 _DISTRIBUTED = flags.DEFINE_enum(
   "distributed", "off", ("off", "auto"), "'auto': jax.distributed.initialize() from the TPU/SLURM environment."
 )
+_ALLOCATOR = flags.DEFINE_enum(
+  "allocator",
+  "auto",
+  ("auto", "tcmalloc", "system"),
+  "Memory allocator: 'auto' re-runs the command on tcmalloc when the machine has it (CPU steps page-fault"
+  " their buffers every step under glibc malloc; see recgpt_jax/allocator.py), 'system' keeps glibc.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -77,6 +84,13 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)
+  from recgpt_jax import allocator
+
+  try:
+    allocator.use(_ALLOCATOR.value)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
   from recgpt_jax.train import loop  # heavy imports after flag parsing, so --help is fast
 
   try:
