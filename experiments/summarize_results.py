@@ -127,7 +127,8 @@ def main() -> None:
   lines += ablation("flow", "Beauty ablation, flow attention (test)")
   for path, r in benches:
     md = path.with_suffix(".md")
-    lines += [f"## Benchmark `{r['benchmark']}`", "", f"See [{md.name}]({md.name}) ({r['date']}, {r['machine']}).", ""]
+    date = r.get("date", r.get("date_utc", "?"))
+    lines += [f"## Benchmark `{r['benchmark']}`", "", f"See [{md.name}]({md.name}) ({date}, {r['machine']}).", ""]
   (RESULTS / "README.md").write_text("\n".join(lines))
   print("\n".join(lines))
 
