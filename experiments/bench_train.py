@@ -31,6 +31,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from recgpt_jax import allocator
 from recgpt_jax.config import base_config
 from recgpt_jax.data import io, pipeline, split, tfds_builder
 from recgpt_jax.model.transformer import ModelConfig, RecGPT
@@ -46,6 +47,9 @@ _ROUNDS = flags.DEFINE_integer("rounds", 6, "Interleaved rounds.")
 _DATASET = flags.DEFINE_string("dataset", "Beauty", "Bundled dataset.")
 _OUT = flags.DEFINE_string("out", "experiments/results", "Where to write bench_<stage>.{json,md}.")
 _STAGE = flags.DEFINE_enum("stage", "pretrain", ["pretrain", "prompt_tune"], "Which training step.")
+_ALLOCATOR = flags.DEFINE_enum(
+  "allocator", "auto", allocator.CHOICES, "Memory allocator (recgpt_jax.allocator): auto = tcmalloc if present."
+)
 
 # (name, row_len, rows_per_batch, packed): rows chosen so that a batch holds about 256 Beauty users.
 VARIANTS = (
@@ -76,6 +80,7 @@ def padded_batches(data, max_len: int, num_batches: int, seed: int = 0) -> list[
 
 def main(argv):
   del argv
+  allocator.use(_ALLOCATOR.value)  # re-executes this command on tcmalloc when asked and available
   stage = _STAGE.value
   prompt = stage == "prompt_tune"
   cfg = base_config()
@@ -194,6 +199,7 @@ def main(argv):
     "machine": loop.machine_description(),
     "git_commit": loop.git_commit(),
     "jax_version": jax.__version__,
+    "allocator": allocator.loaded(),
     "config": {
       "dataset": data.source,
       "hidden": 256,
@@ -216,7 +222,8 @@ def main(argv):
   lines = [
     f"# {'Prompt-tuning' if prompt else 'Pre-training'} step, reference configuration ({data.source})",
     "",
-    f"`{record['command']}` on {record['date']}, {record['machine']}, jax {jax.__version__},"
+    f"`{record['command']}` on {record['date']}, {record['machine']}, {record['allocator']} malloc,"
+    f" jax {jax.__version__},"
     f" commit {record['git_commit']}.",
     "",
     "| layout | rows x len | users/batch | real positions | step (median, min-max) | target tokens/s"
