@@ -8,8 +8,10 @@ for reuse (1-2 MiB of faults per step). glibc's ``mallopt`` knobs do not cure it
 threshold is capped at 32 MiB).
 
 A process cannot swap its allocator once running, so ``use`` re-executes the same command with tcmalloc
-in ``LD_PRELOAD`` (once; the environment marks the second run). The command-line entry points call it
-before any work; ``--allocator=system`` keeps glibc.
+in ``LD_PRELOAD`` (once; the environment marks the second run, and child processes inherit both). The
+command-line entry points call it before any work; ``--allocator=system`` keeps glibc (unless the parent
+already preloaded tcmalloc). The whole process is replaced, so only call it at the start of a command, not
+from a notebook or a driver script; a script read from stdin is never re-executed (stdin is consumed).
 """
 
 from __future__ import annotations
@@ -73,6 +75,10 @@ def use(choice: str) -> None:
     raise UserError(f"--allocator must be one of {', '.join(CHOICES)}, got {choice!r}")
   if choice == "system" or loaded() == "tcmalloc":
     return
+  if sys.argv[:1] in (["-"], [""]):  # a script on stdin or an interactive interpreter cannot be re-run
+    if choice == "tcmalloc":
+      raise UserError("--allocator=tcmalloc: cannot re-run a script read from stdin; preload it with LD_PRELOAD")
+    return
   path = find_tcmalloc()
   if path is None or os.environ.get(REEXEC_MARK):
     if choice == "tcmalloc":
@@ -80,7 +86,9 @@ def use(choice: str) -> None:
       raise UserError(f"--allocator=tcmalloc: {why} ({INSTALL_HINT})")
     return
   preload = " ".join(p for p in (path, os.environ.get("LD_PRELOAD", "")) if p)
+  # gperftools reports every allocation over 1 GiB on stderr; a big catalogue's tables are that large.
   env = {**os.environ, "LD_PRELOAD": preload, REEXEC_MARK: "1"}
+  env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(2**40))
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, list(getattr(sys, "orig_argv", [sys.executable, *sys.argv])), env)

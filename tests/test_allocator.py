@@ -48,6 +48,7 @@ def test_use_reexecutes_once_with_tcmalloc_preloaded(monkeypatch):
   ((exe, argv, env),) = calls
   assert exe == sys.executable and argv == list(sys.orig_argv)
   assert env["LD_PRELOAD"] == "/lib/libtcmalloc_minimal.so.4 /lib/other.so" and env[allocator.REEXEC_MARK] == "1"
+  assert int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 2**40
   monkeypatch.setenv(allocator.REEXEC_MARK, "1")  # the re-executed process: tcmalloc did not load
   allocator.use("auto")
   assert len(calls) == 1
@@ -59,3 +60,14 @@ def test_a_real_process_ends_up_on_tcmalloc_when_the_machine_has_it():
   code = "from recgpt_jax import allocator; allocator.use('auto'); print(allocator.loaded())"
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
   assert out == ("tcmalloc" if allocator.find_tcmalloc() else "glibc")
+
+
+def test_a_script_on_stdin_is_not_reexecuted(monkeypatch):
+  monkeypatch.setattr(allocator, "find_tcmalloc", lambda: "/lib/libtcmalloc_minimal.so.4")
+  monkeypatch.setattr(allocator, "loaded", lambda: "glibc")
+  monkeypatch.setattr(allocator.os, "execve", lambda *a: pytest.fail("must not re-execute"))
+  monkeypatch.delenv(allocator.REEXEC_MARK, raising=False)
+  monkeypatch.setattr(allocator.sys, "argv", ["-"])
+  assert allocator.use("auto") is None
+  with pytest.raises(UserError, match="stdin"):
+    allocator.use("tcmalloc")
