@@ -2,8 +2,8 @@
 
 On CPU, XLA allocates each step's temporary buffers afresh. With glibc's malloc the large ones are
 ``mmap``-ed and returned to the system every step, so the next step page-faults them in again: at the
-reference configuration that is ~15,500 page faults (60 MiB of zeroed pages) per pre-training step and
-about 30% of its time (51.6 vs 36.1 ms, ``experiments/results/profile_train_step*``). tcmalloc keeps freed memory
+reference configuration that is ~15,400 page faults (60 MiB of zeroed pages) per pre-training step, and
+the step takes 57.9 instead of 34.4 ms (``experiments/results/profile_train_step*``). tcmalloc keeps freed memory
 for reuse (1-2 MiB of faults per step). glibc's ``mallopt`` knobs do not cure it reliably (its mmap
 threshold is capped at 32 MiB).
 
