@@ -37,7 +37,7 @@ format: $(VENV)/.installed
 	$(BIN)/ruff format recgpt_jax tests experiments
 
 bench: $(VENV)/.installed
-	$(BIN)/python experiments/bench_train.py --stage=pretrain
+	$(BIN)/python -m experiments.bench_train --stage=pretrain
 
 clean:
 	rm -rf $(VENV) runs

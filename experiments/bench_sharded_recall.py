@@ -90,6 +90,19 @@ def time_calls(fn: Callable[[], object], rounds: int) -> dict[str, float]:
   return stats(times)
 
 
+def naive_skip_reason(need: int, what: str) -> str | None:
+  """Why a naive run needing ``need`` bytes (made of ``what``) is skipped, or None to run it."""
+  if not _NAIVE.value:
+    return "--nonaive"
+  avail = mem_available()
+  if need > MEMORY_FRACTION * avail:
+    return (
+      f"needs ~{need / 2**30:.1f} GiB ({what}), more than {MEMORY_FRACTION:.0%} of the {avail / 2**30:.1f} GiB"
+      " available"
+    )
+  return None
+
+
 def mem_available() -> int:
   with open("/proc/meminfo") as f:
     for line in f:
@@ -277,17 +290,12 @@ def naive_auto(mesh, q, table, ex, k: int, num_valid: int, users_per_device: int
   mem = memory(compiled)
   out = {"memory_per_device": mem, "gathered": collectives(compiled, users_per_device)}
   need = mesh.size * (mem.get("temp_bytes", 0) + mem.get("output_bytes", 0))
-  avail = mem_available()
   log(
     f"  naive auto-partitioned: gathers {out['gathered']['bytes_per_user']:,.0f} B/user; needs ~{need / 2**30:.1f} GiB"
   )
-  if not _NAIVE.value:
-    out["skipped"] = "--nonaive"
-  elif need > MEMORY_FRACTION * avail:
-    out["skipped"] = (
-      f"needs ~{need / 2**30:.1f} GiB ({mesh.size} devices x (temp + output)), more than {MEMORY_FRACTION:.0%} of the"
-      f" {avail / 2**30:.1f} GiB available"
-    )
+  skip = naive_skip_reason(need, f"{mesh.size} devices x (temp + output)")
+  if skip:
+    out["skipped"] = skip
   else:
     out.update(time_calls(lambda: compiled(q, table, ex), _ROUNDS.value))
     log(f"  naive auto-partitioned: median {out['median_s']:.3f} s")
@@ -307,16 +315,10 @@ def naive_one_device(items: int, queries: np.ndarray, exclude: np.ndarray) -> tu
   mem = memory(compiled)
   table_bytes = rows * _DIM.value * 4
   need = table_bytes + mem.get("temp_bytes", 0) + mem.get("output_bytes", 0)
-  avail = mem_available()
   out = {"rows": rows, "table_bytes": table_bytes, "memory": mem}
-  if not _NAIVE.value:
-    out["skipped"] = "--nonaive"
-  elif need > MEMORY_FRACTION * avail:
-    out["skipped"] = (
-      f"needs ~{need / 2**30:.1f} GiB (table + temp + output), more than {MEMORY_FRACTION:.0%} of the"
-      f" {avail / 2**30:.1f} GiB available"
-    )
-  if "skipped" in out:
+  skip = naive_skip_reason(need, "table + temp + output")
+  if skip:
+    out["skipped"] = skip
     log(f"naive one device, {items:,} items: skipped: {out['skipped']}")
     return out, None
   log(f"naive one device, {items:,} items: table {rows:,} x {_DIM.value}, needs ~{need / 2**30:.1f} GiB")

@@ -46,12 +46,13 @@ import torch
 from absl import app, flags
 from flax import nnx
 
+from experiments import reference
 from experiments.torch_recgpt import convert
 from experiments.torch_recgpt import steps as tsteps
 from experiments.torch_recgpt.model import TorchRecGPT
 from recgpt_jax import allocator
 from recgpt_jax.config import base_config
-from recgpt_jax.data import io, packing, pipeline, split, tfds_builder
+from recgpt_jax.data import io, packing, split, tfds_builder
 from recgpt_jax.eval.metrics import make_eval_step
 from recgpt_jax.model.transformer import ModelConfig, RecGPT
 from recgpt_jax.recall import decoder
@@ -60,9 +61,7 @@ from recgpt_jax.train import step as step_lib
 
 PARTS = ("pretrain", "prompt_tune", "eval", "recall")
 VARIANTS = ("jax", "torch_eager", "torch_compiled")
-ROW_LEN = 50
-MAX_LEN = 50
-TRAIN_ROWS = 30  # packed rows of 50 per training batch: about 256 Beauty users (bench_train.py)
+ROW_LEN, MAX_LEN, TRAIN_ROWS = reference.ROW_LEN, reference.MAX_LEN, reference.TRAIN_ROWS
 EVAL_USERS_PER_BATCH = 256  # the fastest recall layout of bench_recall.py
 QUOTAS = (18, 2)
 WARMUP_STEPS = 2
@@ -289,21 +288,7 @@ def main(argv):
   cfg = base_config()
 
   def model_cfg(part: str) -> ModelConfig:
-    prompt = part == "prompt_tune"
-    return ModelConfig(
-      num_items=data.num_items,
-      num_users=data.num_users,
-      max_len=MAX_LEN,
-      hidden=hidden,
-      num_layers=1,
-      num_heads=heads,
-      ffn=ffn,
-      attention="flow",
-      norm="post",
-      attn_dropout=0.1 if prompt else (0.5 if part == "pretrain" else 0.0),
-      hidden_dropout=0.1 if part in ("pretrain", "prompt_tune") else 0.0,
-      user_module=True,
-    )
+    return reference.model_config(data, part, hidden=hidden, ffn=ffn, heads=heads)
 
   # Evaluation batches (shared by eval and recall), as bench_recall.py's best layout.
   eval_set = split.make_eval_set(data.users, data.sequences, "test", MAX_LEN)
@@ -334,16 +319,7 @@ def main(argv):
     params0 = jax.tree.map(lambda x: np.array(x, copy=True), state0.params)
     del state0
     if training:
-      it = pipeline.TrainInput(
-        source,
-        max_len=MAX_LEN,
-        row_len=ROW_LEN,
-        rows_per_batch=rows_per_batch,
-        seed=0,
-        prompt_mode="last" if prompt else None,
-        prompt_width=1,
-      ).epoch_iterator(0)
-      np_batches = [next(it) for _ in range(WARMUP_STEPS + num_steps)]
+      np_batches = reference.train_batches(source, part, WARMUP_STEPS + num_steps, rows_per_batch=rows_per_batch)
       target_key = "p_targets" if prompt else "targets"
       tokens = [int(np.sum(b[target_key] > 0)) for b in np_batches[WARMUP_STEPS:]]
       flops = part_flops(part, mcfg, np_batches)
@@ -439,16 +415,7 @@ def build_runner(part, variant, mcfg, graphdef, params0, np_batches, lr, cfg, ma
   )
   if variant == "jax":
     if training:
-      mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-      tx = optim.make_optimizer(cfg.optimizer, 1000)
-      graphdef_t, state = step_lib.init_state(RecGPT(mcfg, rngs=nnx.Rngs(0)), tx, 0)
-      rep = jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), state)
-      loss_cfg = step_lib.LossConfig(kind="ce" if prompt else "bce")
-      prompt_cfg = step_lib.PromptConfig(mode="last", width=1) if prompt else None
-      adam = optim.adam_spec(cfg.optimizer, 1000)  # row-sparse table updates, as the training loop
-      step = step_lib.jit_train_step(
-        step_lib.make_train_step(graphdef_t, tx, loss_cfg, prompt_cfg, adam=adam), rep, mesh
-      )
+      step, state, _ = reference.train_step(mcfg, part, cfg.optimizer)  # row-sparse tables, as the loop
       warm = [jax.device_put(b) for b in warm_batches]
       timed_dev = [jax.device_put(b) for b in timed_batches]
       box = {"state": state}

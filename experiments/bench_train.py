@@ -13,7 +13,7 @@ Variants differ only in the batch layout: ``padded`` is the reference's layout (
 rows of 50; pre-training only), the others pack several users per row. Variants run interleaved in
 rounds so that machine noise hits all of them alike; compilation and the first steps are excluded.
 
-  python experiments/bench_train.py --stage=pretrain [--steps_per_round=5 --rounds=6]
+  python -m experiments.bench_train --stage=pretrain [--steps_per_round=5 --rounds=6]
 
 Writes experiments/results/bench_<stage>.json and bench_<stage>.md.
 """
@@ -29,13 +29,12 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
-from flax import nnx
 
+from experiments import reference
 from recgpt_jax import allocator
 from recgpt_jax.config import base_config
-from recgpt_jax.data import io, pipeline, split, tfds_builder
-from recgpt_jax.model.transformer import ModelConfig, RecGPT
-from recgpt_jax.train import loop, optim
+from recgpt_jax.data import io, split, tfds_builder
+from recgpt_jax.train import loop
 from recgpt_jax.train import step as step_lib
 
 # The authors' PyTorch code on this machine (recgpt-reference.md), target tokens per second.
@@ -87,49 +86,18 @@ def main(argv):
   cfg.optimizer.learning_rate = 5e-4 if prompt else 1e-3
   data = io.load_dataset(_DATASET.value)
   source = tfds_builder.data_source(data.source)[0]
-  model_cfg = ModelConfig(
-    num_items=data.num_items,
-    num_users=data.num_users,
-    max_len=50,
-    hidden=256,
-    num_layers=1,
-    num_heads=2,
-    ffn=512,
-    attention="flow",
-    norm="post",
-    attn_dropout=0.1 if prompt else 0.5,
-    hidden_dropout=0.1,
-    user_module=True,
-  )
-  loss_cfg = step_lib.LossConfig(kind="ce" if prompt else "bce")
-  prompt_cfg = step_lib.PromptConfig(mode="last", width=1) if prompt else None
+  model_cfg = reference.model_config(data, stage)
   target_key = "p_targets" if prompt else "targets"
-  mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   num_batches = 6
   runs = []
   for name, row_len, rows, packed in VARIANTS:
     if prompt and not packed:
       continue
     if packed:
-      it = pipeline.TrainInput(
-        source,
-        max_len=50,
-        row_len=row_len,
-        rows_per_batch=rows,
-        seed=0,
-        prompt_mode=None if prompt_cfg is None else prompt_cfg.mode,
-        prompt_width=1,
-      ).epoch_iterator(0)
-      batches = [next(it) for _ in range(num_batches)]
+      batches = reference.train_batches(source, stage, num_batches, row_len=row_len, rows_per_batch=rows)
     else:
       batches = padded_batches(data, 50, num_batches)
-    tx = optim.make_optimizer(cfg.optimizer, 1000)
-    graphdef, state = step_lib.init_state(RecGPT(model_cfg, rngs=nnx.Rngs(0)), tx, 0)
-    replicated = jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), state)
-    adam = optim.adam_spec(cfg.optimizer, 1000)  # row-sparse table updates, as the training loop
-    step = step_lib.jit_train_step(
-      step_lib.make_train_step(graphdef, tx, loss_cfg, prompt_cfg, adam=adam), replicated, mesh
-    )
+    step, state, _ = reference.train_step(model_cfg, stage, cfg.optimizer)  # row-sparse tables, as the loop
     batches = [jax.device_put(b) for b in batches]
     t0 = time.perf_counter()
     state, _ = step(state, batches[0])

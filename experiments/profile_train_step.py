@@ -51,17 +51,15 @@ import optax
 from absl import app, flags
 from flax import nnx
 
+from experiments import reference
 from recgpt_jax import allocator
 from recgpt_jax.config import base_config
-from recgpt_jax.data import io, pipeline, tfds_builder
-from recgpt_jax.model.transformer import ModelConfig, RecGPT
-from recgpt_jax.train import loop, optim
+from recgpt_jax.data import io, tfds_builder
+from recgpt_jax.train import loop
 from recgpt_jax.train import step as step_lib
 
 PARTS = ("pretrain", "prompt_tune")
-ROW_LEN = 50  # as bench_torch.py
-MAX_LEN = 50
-TRAIN_ROWS = 30
+ROW_LEN, MAX_LEN, TRAIN_ROWS = reference.ROW_LEN, reference.MAX_LEN, reference.TRAIN_ROWS
 WARMUP_STEPS = 2
 TOP_OPS = 15
 NO_OPTIMIZER = "dense-table gradients, no optimizer update"
@@ -294,24 +292,6 @@ def summarise_ops(
 # Building and running the steps.
 
 
-def model_config(data, part: str, dropout: bool = True) -> ModelConfig:
-  prompt = part == "prompt_tune"
-  return ModelConfig(
-    num_items=data.num_items,
-    num_users=data.num_users,
-    max_len=MAX_LEN,
-    hidden=256,
-    num_layers=1,
-    num_heads=2,
-    ffn=512,
-    attention="flow",
-    norm="post",
-    attn_dropout=(0.1 if prompt else 0.5) if dropout else 0.0,
-    hidden_dropout=0.1 if dropout else 0.0,
-    user_module=True,
-  )
-
-
 def make_forward_step(graphdef, loss_cfg, prompt_cfg) -> Callable:
   """``make_train_step``'s step up to the loss (prompts, negatives, forward with dropout, loss), without the
   gradient; the state comes back unchanged but for ``step``. The tables are read whole (no row-sparse
@@ -336,35 +316,16 @@ def make_forward_step(graphdef, loss_cfg, prompt_cfg) -> Callable:
 def build_step(data, part: str, variant: str = "full step"):
   """(jitted step, initial state, model config) for one ablation variant of ``part``."""
   cfg = base_config()
-  prompt = part == "prompt_tune"
-  mcfg = model_config(data, part, dropout=variant != "without dropout")
-  tx = optax.set_to_zero() if variant == NO_OPTIMIZER else optim.make_optimizer(cfg.optimizer, 1000)
-  graphdef, state = step_lib.init_state(RecGPT(mcfg, rngs=nnx.Rngs(0)), tx, 0)
-  loss_cfg = step_lib.LossConfig(kind="ce" if prompt else "bce")
-  prompt_cfg = step_lib.PromptConfig(mode="last", width=1) if prompt else None
+  mcfg = reference.model_config(data, part, dropout=variant != "without dropout")
+  one_device = jax.devices()[:1]
   if variant == "forward + loss only":
-    fn = make_forward_step(graphdef, loss_cfg, prompt_cfg)
-  else:
-    row_sparse = variant not in (DENSE_TABLES, NO_OPTIMIZER)
-    adam = optim.adam_spec(cfg.optimizer, 1000) if row_sparse else None
-    fn = step_lib.make_train_step(graphdef, tx, loss_cfg, prompt_cfg, adam=adam)
-  mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
-  rep = jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), state)
-  return step_lib.jit_train_step(fn, rep, mesh), state, mcfg
-
-
-def train_batches(source, part: str, n: int) -> list[dict[str, np.ndarray]]:
-  prompt = part == "prompt_tune"
-  it = pipeline.TrainInput(
-    source,
-    max_len=MAX_LEN,
-    row_len=ROW_LEN,
-    rows_per_batch=TRAIN_ROWS,
-    seed=0,
-    prompt_mode="last" if prompt else None,
-    prompt_width=1,
-  ).epoch_iterator(0)
-  return [next(it) for _ in range(n)]
+    step, state, graphdef = reference.train_step(mcfg, part, cfg.optimizer, devices=one_device)
+    step, state = reference.jit_step(make_forward_step(graphdef, *reference.loss_and_prompt(part)), state, one_device)
+    return step, state, mcfg
+  tx = optax.set_to_zero() if variant == NO_OPTIMIZER else None
+  row_sparse = variant not in (DENSE_TABLES, NO_OPTIMIZER)
+  step, state, _ = reference.train_step(mcfg, part, cfg.optimizer, tx=tx, row_sparse=row_sparse, devices=one_device)
+  return step, state, mcfg
 
 
 def shape_context(params: dict, part: str, batch: dict[str, np.ndarray]) -> ShapeContext:
@@ -400,7 +361,7 @@ class Box:
 
 def profile_part(data, source, part: str, steps: int, trace_root: pathlib.Path) -> dict:
   step, state, mcfg = build_step(data, part)
-  np_batches = train_batches(source, part, WARMUP_STEPS + steps)
+  np_batches = reference.train_batches(source, part, WARMUP_STEPS + steps)
   dev = [jax.device_put(b) for b in np_batches]
   t0 = time.perf_counter()
   compiled = step.lower(state, dev[0]).compile()
@@ -460,7 +421,7 @@ def ablate(data, source, part: str, rounds: int) -> dict:
   for variant in ABLATIONS:
     step, state, _ = build_step(data, part, variant)
     boxes[variant] = Box(step, state)
-  dev = [jax.device_put(b) for b in train_batches(source, part, WARMUP_STEPS + rounds)]
+  dev = [jax.device_put(b) for b in reference.train_batches(source, part, WARMUP_STEPS + rounds)]
   for box in boxes.values():
     for b in dev[:WARMUP_STEPS]:
       box(b)
