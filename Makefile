@@ -1,13 +1,21 @@
 # The two commands of the README:
 #   make run    create .venv, install the package, train + evaluate the default model on Beauty
-#   make test   create .venv, install the package with test extras, lint and run the test suite
-PYTHON ?= python3
+#   make test   create .venv (newest jax, Python 3.12), lint and run the test suite; then the PyTorch parity
+#               tests in .venv-torch (Python 3.11: the offline CPU build of torch, and jax 0.10)
+#
+# Python: jax >= 0.11 needs Python >= 3.12. PYTHON is the first of python3.12, pyenv's 3.12, python3 that runs;
+# TORCH_PYTHON the first Python 3.11 (the torch==2.13.0 CPU wheel on this machine is for 3.11 only).
+find_python = $(firstword $(foreach p,$(1),$(shell $(p) -c 'import sys; print(sys.executable)' 2>/dev/null)))
+PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $(HOME)/.pyenv)
+PYTHON ?= $(call find_python,python3.12 $(wildcard $(PYENV_ROOT)/versions/3.12*/bin/python3.12) python3)
+TORCH_PYTHON ?= $(call find_python,python3.11 $(wildcard $(PYENV_ROOT)/versions/3.11*/bin/python3.11))
 VENV ?= .venv
+TORCH_VENV ?= .venv-torch
 BIN := $(VENV)/bin
 WORKDIR ?= runs/default
 CONFIG ?= experiments/configs/default.py
 
-.PHONY: run test test-slow lint format bench clean
+.PHONY: run test test-torch test-slow lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,13 +25,31 @@ $(VENV)/.installed: setup.py | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
+$(TORCH_VENV)/.installed: setup.py
+	$(TORCH_PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TORCH_VENV)/bin/python -m pip install -q -e '.[torch]' 'pytest>=8'
+	touch $@
+
 run: $(VENV)/.installed
 	$(BIN)/python -m recgpt_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check recgpt_jax tests experiments
 	$(BIN)/ruff format --check recgpt_jax tests experiments
+	$(BIN)/python -c 'import jax, flax; print(f"jax {jax.__version__}, flax {flax.__version__}")'
 	$(BIN)/python -m pytest -q tests
+	$(MAKE) test-torch
+
+# PyTorch parity (and the model on jax 0.10) on Python 3.11, where the offline torch wheel installs.
+test-torch:
+ifeq ($(TORCH_PYTHON),)
+	@echo "test-torch: no Python 3.11 found; the PyTorch parity tests were not run"
+else
+	$(MAKE) $(TORCH_VENV)/.installed
+	$(TORCH_VENV)/bin/python -c 'import jax, torch; print(f"jax {jax.__version__}, torch {torch.__version__}")'
+	$(TORCH_VENV)/bin/python -m pytest -q tests/torch tests/model
+endif
 
 # Slow tests (real-data training); run by hand, not in CI.
 test-slow: $(VENV)/.installed
@@ -40,4 +66,4 @@ bench: $(VENV)/.installed
 	$(BIN)/python -m experiments.bench_train --stage=pretrain
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(TORCH_VENV) runs

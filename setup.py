@@ -9,8 +9,10 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["recgpt_jax", "recgpt_jax.*"]),
     package_data={"recgpt_jax.data": ["bundled/*.txt.gz", "bundled/README.md"]},
     python_requires=">=3.10",
+    # jax 0.12 and 0.11 (Python >= 3.12) are tested by `make test`, and jax 0.10 (Python 3.11) by its PyTorch
+    # parity run; the upper bounds stop at the newest tested release.
     install_requires=[
-        "jax>=0.10,<0.11",
+        "jax>=0.10,<0.13",
         "flax>=0.12,<0.13",
         "optax>=0.2.5",
         "orbax-checkpoint>=0.12,<0.13",
@@ -24,9 +26,11 @@ setuptools.setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        # torch for the PyTorch parity tests. Pinned: torch==2.13.0 is the CPU build available offline;
-        # another version pulls a multi-GB CUDA build.
-        "test": ["pytest>=8", "ruff>=0.6", "torch==2.13.0"],
-        "bench": ["torch==2.13.0", "matplotlib>=3.8"],
+        # libtpu (through jax[tpu]) for the ahead-of-time TPU compile test; it needs no TPU. torch for the PyTorch
+        # parity tests, pinned: torch==2.13.0 is the CPU build available offline, for Python 3.11 only (another
+        # version, or Python 3.12, pulls a multi-GB CUDA build), so `make test` runs those tests in a 3.11 venv.
+        "test": ["pytest>=8", "ruff>=0.6", "jax[tpu]"],
+        "torch": ["torch==2.13.0; python_version < '3.12'"],
+        "bench": ["torch==2.13.0; python_version < '3.12'", "matplotlib>=3.8"],
     },
 )

@@ -28,6 +28,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.num_heads = 2  # attention heads
   c.model.ffn = 256  # feed-forward inner size (GELU)
   c.model.attention = "softmax"  # 'softmax' or 'flow' (causal Flow-Attention, as in the reference code)
+  # How attention is computed (recgpt_jax/model/attention.py): 'auto'; softmax: 'xla', 'cudnn' (GPU flash
+  # attention, bfloat16/float16), 'splash' (TPU Pallas); flow: 'xla' (quadratic form), 'chunked' (linear in
+  # length). 'auto' = xla, except flow rows of >= 256 positions without attention dropout are chunked.
+  c.model.attention_impl = "auto"
+  c.model.flow_chunk = 128  # positions per chunk of the chunked Flow-Attention
+  # Mixed precision (recgpt_jax/model/precision.py): activations/matmuls in `dtype` ('bfloat16' recommended on
+  # TPU/GPU), parameters and optimizer state in `param_dtype`; norms' statistics, softmax, Flow-Attention,
+  # item scores and losses stay float32.
+  c.model.dtype = "float32"
+  c.model.param_dtype = "float32"
   c.model.norm = "post"  # 'post' (reference: LN after each residual) or 'pre'
   c.model.attn_dropout = 0.5  # dropout on attention weights
   c.model.hidden_dropout = 0.5  # dropout on embeddings and residual branches
@@ -109,6 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError (one line) for values no run could use."""
+  from recgpt_jax.model import attention, precision  # jax/flax load after flag parsing, not with the config
 
   def need(cond: bool, msg: str):
     if not cond:
@@ -117,6 +128,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   need(c.max_len >= 1, f"max_len must be >= 1, got {c.max_len}")
   m = c.model
   need(m.attention in ("softmax", "flow"), f"model.attention must be 'softmax' or 'flow', got {m.attention!r}")
+  precision.to_dtype(m.dtype, "model.dtype")
+  precision.to_dtype(m.param_dtype, "model.param_dtype")
+  need(m.flow_chunk >= 1, f"model.flow_chunk must be >= 1, got {m.flow_chunk}")
+  attention.check_impl(m.attention, m.attention_impl, attn_dropout=m.attn_dropout, dtype=m.dtype)
   need(m.norm in ("post", "pre"), f"model.norm must be 'post' or 'pre', got {m.norm!r}")
   for name in ("hidden", "num_layers", "num_heads", "ffn"):
     need(m[name] >= 1, f"model.{name} must be >= 1, got {m[name]}")

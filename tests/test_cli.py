@@ -105,6 +105,16 @@ def test_malformed_data_line(tmp_path):
     (["--config.train.loss=hinge"], ["train.loss", "hinge"]),
     (["--config.train.row_len=8"], ["row_len"]),
     (["--config=experiments/configs/no_such_config.py"], ["config"]),
+    (["--config.model.dtype=int32"], ["model.dtype", "int32", "float"]),
+    (["--config.model.param_dtype=float128"], ["model.param_dtype", "float128"]),
+    (["--config.model.attention_impl=flash"], ["attention_impl", "flash"]),
+    # Implementations this CPU-only machine lacks.
+    (
+      ["--config.model.attention_impl=cudnn", "--config.model.dtype=bfloat16", "--config.model.attn_dropout=0"],
+      ["gpu"],
+    ),
+    (["--config.model.attention_impl=chunked"], ["chunked", "flow"]),
+    (["--config.model.attention_impl=splash", "--config.model.attn_dropout=0"], ["splash", "tpu", "cpu"]),
   ],
 )
 def test_bad_flags_and_config(tmp_path, args, fragments):

@@ -36,6 +36,7 @@ queries; the lower slot index wins).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -104,50 +105,37 @@ def _block_forward(
   return block.norm2(h + ffn(h)), layer
 
 
-def _split_heads(attn: attention.MultiHeadAttention, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """``[..., hidden]`` -> q, k, v ``[..., heads, head_dim]`` through the block's own projection."""
-  *lead, hidden = x.shape
-  qkv = attn.qkv(x).reshape(*lead, 3, attn.num_heads, hidden // attn.num_heads)
-  return qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-
-
-def _merge_heads(attn: attention.MultiHeadAttention, y: jax.Array) -> jax.Array:
-  """``[..., heads, head_dim]`` -> output projection ``[..., hidden]``."""
-  return attn.out(y.reshape(*y.shape[:-2], -1))
-
-
 def _prefill_attention(
   attn: attention.MultiHeadAttention,
   x_rld: jax.Array,
-  mask: jax.Array,
+  seq_ids: jax.Array,
   last_row: jax.Array,
   last_col: jax.Array,
   max_steps: int,
   last_layer: bool,
 ) -> tuple[jax.Array, LayerState]:
-  """Attention over packed rows plus the layer's decode state.
+  """Attention over packed rows plus the layer's decode state (the kind's ``prefill``).
 
   Returns:
     The projected attention output -- ``[r, len, hidden]`` for an inner layer, ``[U, hidden]`` at the
     users' last positions for the last layer -- and the layer state.
   """
-  q, k, v = (jnp.swapaxes(t, 1, 2) for t in _split_heads(attn, x_rld))  # [r, h, len, d]
+  q, k, v = (jnp.swapaxes(t, 1, 2) for t in attn.split_heads(x_rld))  # [r, h, len, d]
   at_last = lambda t: t[last_row, :, last_col]  # [r, h, len, ...] -> [U, h, ...]
-  num_users, (_, heads, _, dim) = last_row.shape[0], q.shape
-  if attn.kind == "softmax":
-    y = attention.softmax_attention(q, k, v, mask)
-    room = jnp.zeros((num_users, heads, max_steps, dim), q.dtype)
-    layer = {"k": k, "v": v, "k_new": room, "v_new": room}
-  else:
-    y, s = attention.flow_attention_parts(q, k, v, mask)
-    layer = {name: at_last(s[name]) for name in ("cs_k", "cs_q", "cs_kout", "cs_qin", "cs_exp")}
-    # One appended token needs no matrix (its own term is exact); a zero [U, h, d, d] matrix carried
-    # through a scan would cost more than the decode step itself.
-    kv = jnp.zeros((num_users, heads, dim, dim), q.dtype) if max_steps >= 2 else None
-    layer.update(keys=s["ks"], comp_v=s["comp_v"], kv=kv)
+  y, layer = attn.kind.prefill(
+    q,
+    k,
+    v,
+    seq_ids,
+    impl=attn.impl(q.shape[2], dropout=False),
+    chunk=attn.settings.chunk,
+    max_steps=max_steps,
+    num_users=last_row.shape[0],
+    at_last=at_last,
+  )
   if last_layer:
-    return _merge_heads(attn, at_last(y)), layer
-  return _merge_heads(attn, jnp.swapaxes(y, 1, 2)), layer
+    return attn.merge_heads(at_last(y)), layer
+  return attn.merge_heads(jnp.swapaxes(y, 1, 2)), layer
 
 
 def prefill(
@@ -182,14 +170,13 @@ def prefill(
     ``hidden_ud`` ``[U, hidden]`` (the model's output at each user's last position) and the state.
   """
   x = model.embed(items, positions, segments, users)  # [R, L, hidden]
-  mask = attention.causal_packed_mask(seq_ids)
   layers = []
   for i, block in enumerate(model.blocks):
     last_layer = i == len(model.blocks) - 1
     attend = functools.partial(
       _prefill_attention,
       block.attn,
-      mask=mask,
+      seq_ids=seq_ids,
       last_row=last_row,
       last_col=last_col,
       max_steps=max_steps,
@@ -211,23 +198,38 @@ def prefill(
     row=last_row,
     slot=slot,
     cursor=jnp.zeros((), jnp.int32),
-    length=jnp.sum(mask[last_row, 0, last_col], axis=-1, dtype=jnp.int32),
+    length=jnp.sum(attention.causal_packed_mask(seq_ids)[last_row, 0, last_col], axis=-1, dtype=jnp.int32),
     position=positions[last_row, last_col],
     user=users[last_row, last_col],
   )
   return x, state
 
 
-def _history_scores(state: DecodeState, q_uhd: jax.Array, keys_rhld: jax.Array) -> jax.Array:
-  """``<q_u, key_l>`` for every key ``l`` of each user's row, computed row by row. Returns ``[U, h, len]``."""
-  q_rshd = q_uhd[jnp.minimum(state.owner, q_uhd.shape[0] - 1)]  # queries laid out by (row, slot)
-  return jnp.einsum("rshd,rhld->rshl", q_rshd, keys_rhld)[state.row, state.slot]
+@dataclasses.dataclass(frozen=True)
+class _History:
+  """``attention.History`` over the packed rows of a ``DecodeState``: queries are laid out by (row, slot) so each
+  row is read once for all its users, never copied per user."""
 
+  state: DecodeState
 
-def _history_mix(state: DecodeState, w_uhl: jax.Array, values_rhld: jax.Array) -> jax.Array:
-  """``sum_l w_l value_l`` over each user's row, computed row by row. Returns ``[U, h, d]``."""
-  w_rshl = w_uhl[jnp.minimum(state.owner, w_uhl.shape[0] - 1)]
-  return jnp.einsum("rshl,rhld->rshd", w_rshl, values_rhld)[state.row, state.slot]
+  @property
+  def mask_u1l(self) -> jax.Array:
+    s = self.state
+    return (s.seq_ids[s.row] == s.slot[:, None] + 1)[:, None, :]
+
+  @property
+  def cursor(self) -> jax.Array:
+    return self.state.cursor
+
+  def scores(self, q_uhd: jax.Array, keys_rhld: jax.Array) -> jax.Array:
+    s = self.state
+    q_rshd = q_uhd[jnp.minimum(s.owner, q_uhd.shape[0] - 1)]  # queries laid out by (row, slot)
+    return jnp.einsum("rshd,rhld->rshl", q_rshd, keys_rhld.astype(q_uhd.dtype))[s.row, s.slot]
+
+  def mix(self, w_uhl: jax.Array, values_rhld: jax.Array) -> jax.Array:
+    s = self.state
+    w_rshl = w_uhl[jnp.minimum(s.owner, w_uhl.shape[0] - 1)]
+    return jnp.einsum("rshl,rhld->rshd", w_rshl, values_rhld.astype(w_uhl.dtype))[s.row, s.slot]
 
 
 def _decode_attention(
@@ -237,52 +239,10 @@ def _decode_attention(
   state: DecodeState,
   length: jax.Array,
 ) -> tuple[jax.Array, LayerState]:
-  """Attention of one new token per user against the layer state; returns (``[U, hidden]``, new state).
-
-  The output reads the old state plus the new token's own terms, not the updated state, so when the new
-  state is not used afterwards (the last step) ``jit`` skips building it.
-  """
-  q, k, v = _split_heads(attn, x_ud)  # [U, h, d]
-  history_mask_u1l = (state.seq_ids[state.row] == state.slot[:, None] + 1)[:, None, :]
-  if attn.kind == "softmax":
-    k_new = jax.lax.dynamic_update_slice_in_dim(layer["k_new"], k[:, :, None], state.cursor, axis=2)
-    v_new = jax.lax.dynamic_update_slice_in_dim(layer["v_new"], v[:, :, None], state.cursor, axis=2)
-    q = q * q.shape[-1] ** -0.5
-    logits_uhc = jnp.concatenate(
-      [_history_scores(state, q, layer["k"]), jnp.einsum("uhd,uhtd->uht", q, k_new)], axis=-1
-    )
-    new_mask_u1t = jnp.broadcast_to(jnp.arange(k_new.shape[2]) <= state.cursor, (q.shape[0], 1, k_new.shape[2]))
-    mask_u1c = jnp.concatenate([history_mask_u1l, new_mask_u1t], axis=-1)
-    logits_uhc = jnp.where(mask_u1c, logits_uhc, jnp.finfo(logits_uhc.dtype).min)
-    weights_uhc = jax.nn.softmax(logits_uhc, axis=-1) * mask_u1c
-    length_hist = history_mask_u1l.shape[-1]
-    y = _history_mix(state, weights_uhc[..., :length_hist], layer["v"])
-    y = y + jnp.einsum("uht,uhtd->uhd", weights_uhc[..., length_hist:], v_new)
-    return _merge_heads(attn, y), {**layer, "k_new": k_new, "v_new": v_new}
-  eps = attention.FLOW_EPS
-  n = length[:, None].astype(x_ud.dtype)  # [U, 1], the count including the new token
-  qs, ks = jax.nn.sigmoid(q), jax.nn.sigmoid(k)
-  cs_k, cs_q = layer["cs_k"] + ks, layer["cs_q"] + qs
-  inflow = n / jnp.sum((qs + eps) * (cs_k + eps), axis=-1)  # [U, h]
-  outflow = n / jnp.sum((ks + eps) * (cs_q + eps), axis=-1)
-  cs_kout = layer["cs_kout"] + ks * outflow[..., None]
-  cs_qin = layer["cs_qin"] + qs * inflow[..., None]
-  sink = jnp.sum((qs + eps) * (cs_kout + eps), axis=-1) / n
-  src = jnp.clip(jnp.sum((ks + eps) * (cs_qin + eps), axis=-1) / n, -1.0, 1.0)
-  exp_src = jnp.exp(src)
-  cs_exp = layer["cs_exp"] + exp_src
-  comp_v = (n * exp_src / cs_exp)[..., None] * v  # comp of the new token times its value
-  # y = alloc (Q in / n)^T (history matrix + kv + K comp V^T), without forming any of the matrices.
-  q_scaled = qs * (inflow / n)[..., None]
-  history = _history_mix(state, _history_scores(state, q_scaled, layer["keys"]) * history_mask_u1l, layer["comp_v"])
-  own = jnp.sum(q_scaled * ks, axis=-1, keepdims=True) * comp_v
-  kv = layer["kv"]
-  if kv is not None:
-    own = own + jnp.einsum("uhd,uhde->uhe", q_scaled, kv)
-    kv = kv + jnp.einsum("uhd,uhe->uhde", ks, comp_v)
-  y = jax.nn.sigmoid(sink)[..., None] * (history + own)
-  new = {**layer, "cs_k": cs_k, "cs_q": cs_q, "cs_kout": cs_kout, "cs_qin": cs_qin, "cs_exp": cs_exp, "kv": kv}
-  return _merge_heads(attn, y), new
+  """Attention of one new token per user against the layer state; returns (``[U, hidden]``, new state)."""
+  q, k, v = attn.split_heads(x_ud)  # [U, h, d]
+  y, new = attn.kind.decode(q, k, v, layer, _History(state), length)
+  return attn.merge_heads(y), new
 
 
 def decode_step(

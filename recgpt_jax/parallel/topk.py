@@ -28,6 +28,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from recgpt_jax.model import precision
+
 AxisNames = str | Sequence[str] | None
 
 
@@ -112,9 +114,7 @@ def sharded_top_k(
   k_loc = min(k, vocab_loc)
 
   def local(q_ud, t_vd, b_v, ex_ue):
-    scores_uv = q_ud @ t_vd.T
-    if b_v is not None:
-      scores_uv = scores_uv + b_v
+    scores_uv = precision.item_scores(q_ud, t_vd, b_v)  # float32 whatever the activation dtype
     low = jnp.finfo(scores_uv.dtype).min
     offset = jax.lax.axis_index(vocab_axis) * vocab_loc if shards > 1 else 0
     ids_v = offset + jnp.arange(vocab_loc, dtype=jnp.int32)

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from recgpt_jax.model import precision
+
 
 def sharded_softmax_ce(
   hidden_rld: jax.Array,
@@ -52,13 +54,13 @@ def sharded_softmax_ce(
   if vocab % shards:
     raise ValueError(f"the item table's {vocab} rows do not split over the {shards} devices of {vocab_axis!r}")
   if bias_v is None:
-    bias_v = jnp.zeros((vocab,), table_vd.dtype)
+    bias_v = jnp.zeros((vocab,), jnp.float32)
 
   def local(h_rld, t_vd, b_v, y_rl):
     v_loc = t_vd.shape[0]
     offset = jax.lax.axis_index(vocab_axis) * v_loc
     ids = offset + jnp.arange(v_loc)
-    logits = jnp.einsum("rld,vd->rlv", h_rld, t_vd) + b_v
+    logits = precision.item_scores(h_rld, t_vd, b_v)  # float32 whatever the activation dtype
     low = jnp.finfo(logits.dtype).min
     logits = jnp.where((ids == 0) | (ids >= num_valid), low, logits)
     m = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=-1)), vocab_axis)  # [r, l], a constant shift

@@ -28,6 +28,7 @@ from recgpt_jax import config as config_lib
 from recgpt_jax.data import io, packing, pipeline, split, tfds_builder
 from recgpt_jax.errors import ConfigError, UserError
 from recgpt_jax.eval import metrics as metrics_lib
+from recgpt_jax.model import attention
 from recgpt_jax.model.transformer import ModelConfig, RecGPT
 from recgpt_jax.parallel import distributed
 from recgpt_jax.parallel import mesh as mesh_lib
@@ -39,6 +40,10 @@ from recgpt_jax.train.checkpoint import RunCheckpoints
 TRAIN_STAGES = ("pretrain", "prompt_tune")
 # Config fields that must match for a workdir to be resumed or evaluated.
 _COMPAT_FIELDS = ("dataset", "max_len", "model")
+# Model fields a saved model may be used with different values of: dropout, and how (not what) the model computes.
+_RUNTIME_MODEL_FIELDS = ("attn_dropout", "hidden_dropout", "user_dropout", "attention_impl", "flow_chunk", "dtype")
+# Fields added after runs were saved: a saved config without them had these values.
+_MODEL_FIELD_DEFAULTS = {"param_dtype": "float32"}
 
 
 class TrainingDiverged(UserError):
@@ -79,6 +84,10 @@ class Run:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path, stage: str = "pretrain"):
     config_lib.validate(config)
+    m = config.model
+    attention.check_impl(
+      m.attention, m.attention_impl, attn_dropout=m.attn_dropout, dtype=m.dtype, platform=jax.devices()[0].platform
+    )
     if stage not in TRAIN_STAGES:
       raise ConfigError(f"unknown training stage {stage!r}; expected one of {TRAIN_STAGES}")
     self.config = config
@@ -253,14 +262,16 @@ class Run:
 def _incompatible(old: dict, new: dict) -> tuple[str | None, list[str]]:
   """The first config field whose change makes a saved model unusable, and what changed in it.
 
-  Dropout rates may change (between stages, or for evaluation); data and architecture may not.
+  Dropout rates, the attention implementation and the activation dtype may change (between stages, or for
+  evaluation); data, architecture and parameter dtype may not.
   """
   for field in _COMPAT_FIELDS:
     if field == "model":
+      old_model = _MODEL_FIELD_DEFAULTS | old.get("model", {})
       differ = [
-        f"{k}: {old.get('model', {}).get(k)!r} != {v!r}"
+        f"{k}: {old_model.get(k)!r} != {v!r}"
         for k, v in new["model"].items()
-        if "dropout" not in k and old.get("model", {}).get(k) != v
+        if k not in _RUNTIME_MODEL_FIELDS and old_model.get(k) != v
       ]
     else:
       differ = [f"{old.get(field)!r} != {new.get(field)!r}"] if old.get(field) != new.get(field) else []

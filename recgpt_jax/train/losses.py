@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from recgpt_jax.model import precision
+
 LOSSES = ("ce", "bce", "sampled_softmax")
 
 
@@ -75,8 +77,8 @@ def sampled_softmax(
 
   A negative that happens to equal the token's target is masked out of that token's softmax.
   """
-  pos = jnp.sum(hidden_rld * table_vd[targets], axis=-1, keepdims=True)  # [r, l, 1]
-  neg = hidden_rld @ table_vd[negatives_n].T  # [r, l, n]
+  pos = jnp.sum(hidden_rld.astype(jnp.float32) * table_vd[targets], axis=-1, keepdims=True)  # [r, l, 1]
+  neg = precision.item_scores(hidden_rld, table_vd[negatives_n])  # [r, l, n] float32
   neg = jnp.where(negatives_n[None, None, :] == targets[..., None], jnp.finfo(neg.dtype).min, neg)
   logits = jnp.concatenate([pos, neg], axis=-1)
   per_token = jax.nn.logsumexp(logits, axis=-1) - pos[..., 0]

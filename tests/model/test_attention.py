@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from recgpt_jax.errors import ConfigError
 from recgpt_jax.model import attention
 
 
@@ -110,3 +111,77 @@ def test_keep_mask_rate_and_independence(rate):
   np.testing.assert_array_equal(a, np.asarray(attention.keep_mask(jax.random.key(0), rate, shape)))
   folded = np.asarray(attention.keep_mask(jax.random.fold_in(jax.random.key(0), 1), rate, shape))
   assert abs((a == folded).mean() - (keep**2 + rate**2)) < 5 * (0.25 / n) ** 0.5 + 1e-3
+
+
+def _qkv(seed=0, b=2, h=2, d=8):
+  rng = np.random.default_rng(seed)
+  length = SEQ_IDS_LONG.shape[1]
+  return [jnp.asarray(rng.normal(size=(b, h, length, d)).astype(np.float32)) for _ in range(3)]
+
+
+# Three users, padding between and after them; length not a multiple of anything.
+SEQ_IDS_LONG = np.array([[1] * 6 + [2] * 5 + [0] + [3] * 6 + [0] * 2, [1] * 20])
+
+
+def test_dot_product_attention_form_equals_xla_form():
+  """The cuDNN route's layout and packed-row mask, run through jax.nn.dot_product_attention's XLA backend on CPU
+  (the cuDNN kernel itself is compared on a GPU by experiments/gpu_check.py)."""
+  q, k, v = _qkv()
+  seq = jnp.asarray(SEQ_IDS_LONG)
+  want = attention.softmax_attention(q, k, v, attention.causal_packed_mask(seq))
+  got = attention.softmax_dot_product_attention(q, k, v, seq, implementation="xla")
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert np.all(np.asarray(got)[0, :, SEQ_IDS_LONG[0] == 0] == 0)
+
+
+def test_splash_attention_equals_xla_form_in_interpret_mode():
+  """The TPU splash kernel (Pallas interpreter on CPU): forward and gradients equal the XLA form."""
+  q, k, v = _qkv(1)
+  seq = jnp.asarray(SEQ_IDS_LONG)
+  probe = jnp.asarray(np.random.default_rng(2).normal(size=q.shape).astype(np.float32))
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(fn(q, k, v) * probe)
+
+  xla = lambda q, k, v: attention.softmax_attention(q, k, v, attention.causal_packed_mask(seq))  # noqa: E731
+  splash = lambda q, k, v: attention.softmax_splash(q, k, v, seq, interpret=True)  # noqa: E731
+  np.testing.assert_allclose(splash(q, k, v), xla(q, k, v), rtol=1e-5, atol=1e-6)
+  got, want = (jax.grad(loss(fn), argnums=(0, 1, 2))(q, k, v) for fn in (splash, xla))
+  for g, w in zip(got, want, strict=True):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_is_decided_in_one_place():
+  resolve = attention.resolve_impl
+  assert resolve("softmax", "auto", length=4096, dropout=False) == "xla"
+  assert resolve("flow", "auto", length=attention.FLOW_CHUNKED_MIN_LEN - 1, dropout=False) == "xla"
+  assert resolve("flow", "auto", length=attention.FLOW_CHUNKED_MIN_LEN, dropout=False) == "chunked"
+  assert resolve("flow", "auto", length=4096, dropout=True) == "xla"  # only the xla form has weight dropout
+  assert resolve("softmax", "cudnn", length=64, dropout=False) == "cudnn"
+  with pytest.raises(ValueError, match="dropout"):
+    resolve("flow", "chunked", length=64, dropout=True)
+
+
+@pytest.mark.parametrize(
+  ("kind", "impl", "kwargs", "message"),
+  [
+    ("softmax", "flash", {}, "must be one of"),
+    ("softmax", "chunked", {}, "not an implementation of softmax"),
+    ("flow", "cudnn", {}, "not an implementation of flow"),
+    ("flow", "chunked", {"attn_dropout": 0.1}, "no attention-weight dropout"),
+    ("softmax", "cudnn", {"dtype": "float32", "platform": "gpu"}, "needs model.dtype bfloat16"),
+    ("softmax", "cudnn", {"dtype": "bfloat16", "platform": "cpu"}, "needs a gpu/cuda device; this run has cpu"),
+    ("softmax", "splash", {"platform": "cpu"}, "needs a tpu device"),
+    ("mamba", "auto", {}, "model.attention must be"),
+  ],
+)
+def test_impls_a_setting_cannot_run_are_config_errors(kind, impl, kwargs, message):
+  with pytest.raises(ConfigError, match=message):
+    attention.check_impl(kind, impl, **kwargs)
+
+
+def test_available_impls_pass_the_check():
+  attention.check_impl("softmax", "cudnn", dtype="bfloat16", platform="gpu")
+  attention.check_impl("softmax", "splash", platform="tpu")
+  attention.check_impl("flow", "chunked", platform="cpu")
+  attention.check_impl("softmax", "xla", attn_dropout=0.5, platform="cpu")

@@ -20,7 +20,9 @@ HISTORIES = [[3, 4, 5, 6, 7], [8, 9], [1, 2, 3, 4, 5, 6, 7], [10, 11, 12], [13],
 STEPS = 3
 
 
-def noisy_model(kind: str, norm: str, num_layers: int = 2, seed: int = 0) -> tuple[RecGPT, nnx.GraphDef, dict]:
+def noisy_model(
+  kind: str, norm: str, num_layers: int = 2, seed: int = 0, **settings
+) -> tuple[RecGPT, nnx.GraphDef, dict]:
   """A tiny model whose parameters are pushed far from init, so attention is far from uniform."""
   cfg = ModelConfig(
     num_items=30,
@@ -32,6 +34,7 @@ def noisy_model(kind: str, norm: str, num_layers: int = 2, seed: int = 0) -> tup
     ffn=32,
     attention=kind,
     norm=norm,
+    **settings,
   )
   graphdef, state = nnx.split(RecGPT(cfg, rngs=nnx.Rngs(seed)))
   params = nnx.to_pure_dict(state)
@@ -104,9 +107,14 @@ def run_decode(graphdef, params, batch, appended_su) -> np.ndarray:
 
 
 # Two layers cover both prefill paths (inner layers: every position; last layer: users' last positions).
-@pytest.mark.parametrize(("kind", "norm", "num_layers"), [(k, n, 2) for k, n in KINDS] + [("flow", "post", 1)])
-def test_prefill_and_decode_match_full_model(kind, norm, num_layers):
-  model, graphdef, params = noisy_model(kind, norm, num_layers)
+# The chunked Flow-Attention prefill (chunks of 4, users crossing chunks) continues like the quadratic full model.
+@pytest.mark.parametrize(
+  ("kind", "norm", "num_layers", "impl"),
+  [(k, n, 2, "xla") for k, n in KINDS] + [("flow", "post", 1, "xla"), ("flow", "post", 2, "chunked")],
+)
+def test_prefill_and_decode_match_full_model(kind, norm, num_layers, impl):
+  model, _, params = noisy_model(kind, norm, num_layers)
+  _, graphdef, _ = noisy_model(kind, norm, num_layers, attention_impl=impl, flow_chunk=4)
   batch = eval_batch(HISTORIES)
   assert np.max(batch["seq_ids"]) >= 2  # several users share a row
   num_users = len(HISTORIES)

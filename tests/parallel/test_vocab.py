@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from recgpt_jax.model import precision
 from recgpt_jax.parallel import vocab
 from recgpt_jax.train import losses
 
@@ -47,6 +48,33 @@ def test_sharded_ce_equals_full_softmax(inputs, data, model):
   # Padding rows of the table get no gradient; neither does the padding id 0.
   np.testing.assert_array_equal(got_grads[1][VALID:], 0.0)
   np.testing.assert_array_equal(got_grads[1][0], 0.0)
+
+
+@pytest.mark.parametrize(("data", "model"), [(2, 4), (1, 8)])
+def test_sharded_ce_equals_full_softmax_with_bf16_hidden_states(inputs, data, model):
+  """Mixed precision: bf16 hidden states, float32 table. Both forms take the same bf16 products with float32
+  accumulation (precision.item_scores), so the loss agrees to float32 summation order."""
+  m = mesh(data, model)
+  hidden, table, bias, targets = inputs
+  hidden = hidden.astype(jnp.bfloat16)
+
+  def full(hidden, table, bias):
+    logits = precision.item_scores(hidden, table, bias)
+    logits = jnp.where(jnp.arange(VOCAB) >= VALID, jnp.finfo(logits.dtype).min, logits)
+    return losses.full_softmax_ce(logits, targets)
+
+  def sharded(hidden, table, bias):
+    return vocab.sharded_softmax_ce(hidden, table, targets, mesh=m, num_valid=VALID, bias_v=bias)
+
+  want, want_grads = jax.value_and_grad(full, argnums=(0, 1, 2))(hidden, table, bias)
+  got, got_grads = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1, 2)))(hidden, table, bias)
+  assert got.dtype == jnp.float32 and got_grads[0].dtype == jnp.bfloat16 and got_grads[1].dtype == jnp.float32
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  # Gradients come out of bf16 products (the table's is cast to float32 after), and the shards' partial sums are
+  # rounded before they are added, so they agree to a bf16 rounding (2**-8) of each gradient's scale.
+  for g, w in zip(got_grads, want_grads, strict=True):
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    np.testing.assert_allclose(g, w, rtol=2**-7, atol=2**-8 * np.abs(w).max())
 
 
 def test_sharded_ce_never_materialises_full_logits(inputs):
