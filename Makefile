@@ -1,7 +1,10 @@
 # The two commands of the README:
-#   make run    create .venv, install the package, train + evaluate the default model on Beauty
-#   make test   create .venv (newest jax, Python 3.12), lint and run the test suite; then the PyTorch parity
-#               tests in .venv-torch (Python 3.11: the offline CPU build of torch, and jax 0.10)
+#   make run    create .venv-run, install the package, train + evaluate the default model on Beauty
+#   make test   create .venv (newest jax, Python 3.12, test extras incl. libtpu for the TPU AOT tests), lint and
+#               run the test suite; then the PyTorch parity tests in .venv-torch (Python 3.11: the offline CPU
+#               build of torch, and jax 0.10)
+# make run has its own venv without libtpu: with libtpu installed, jax probes for a TPU at start-up and prints
+# several lines of warnings on a machine that has none.
 #
 # Python: jax >= 0.11 needs Python >= 3.12. PYTHON is the first of python3.12, pyenv's 3.12, python3 that runs;
 # TORCH_PYTHON the first Python 3.11 (the torch==2.13.0 CPU wheel on this machine is for 3.11 only).
@@ -10,6 +13,7 @@ PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $(HOME)/.pyenv)
 PYTHON ?= $(call find_python,python3.12 $(wildcard $(PYENV_ROOT)/versions/3.12*/bin/python3.12) python3)
 TORCH_PYTHON ?= $(call find_python,python3.11 $(wildcard $(PYENV_ROOT)/versions/3.11*/bin/python3.11))
 VENV ?= .venv
+RUN_VENV ?= .venv-run
 TORCH_VENV ?= .venv-torch
 BIN := $(VENV)/bin
 WORKDIR ?= runs/default
@@ -25,14 +29,20 @@ $(VENV)/.installed: setup.py | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
+$(RUN_VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(RUN_VENV)
+	$(RUN_VENV)/bin/python -m pip install -q --upgrade pip
+	$(RUN_VENV)/bin/python -m pip install -q -e .
+	touch $@
+
 $(TORCH_VENV)/.installed: setup.py
 	$(TORCH_PYTHON) -m venv $(TORCH_VENV)
 	$(TORCH_VENV)/bin/python -m pip install -q --upgrade pip
 	$(TORCH_VENV)/bin/python -m pip install -q -e '.[torch]' 'pytest>=8'
 	touch $@
 
-run: $(VENV)/.installed
-	$(BIN)/python -m recgpt_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
+run: $(RUN_VENV)/.installed
+	$(RUN_VENV)/bin/python -m recgpt_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check recgpt_jax tests experiments
@@ -66,4 +76,4 @@ bench: $(VENV)/.installed
 	$(BIN)/python -m experiments.bench_train --stage=pretrain
 
 clean:
-	rm -rf $(VENV) $(TORCH_VENV) runs
+	rm -rf $(VENV) $(RUN_VENV) $(TORCH_VENV) runs

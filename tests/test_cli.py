@@ -163,3 +163,17 @@ def test_empty_dataset(tmp_path):
   empty.write_text("\n")
   proc = cli(f"--config={DEFAULT_CONFIG}", f"--workdir={tmp_path / 'run'}", f"--config.dataset={empty}", *TINY)
   assert_one_line_error(proc, "empty.txt")
+
+
+def test_failed_prompt_tuning_start_is_one_line(tmp_path):
+  """A prompt-tuning start whose warm start fails: one line, no tensorboardX atexit traceback (Python 3.12)."""
+  data = write_cyclic_dataset(tmp_path / "cyclic.txt")
+  proc = cli(
+    f"--config={DEFAULT_CONFIG}",
+    f"--workdir={tmp_path / 'pt'}",
+    "--mode=prompt_tune",
+    f"--config.dataset={data}",
+    f"--config.init_from={tmp_path / 'no_such_run'}",
+    *TINY,
+  )
+  assert_one_line_error(proc, "init_from", "no_such_run")

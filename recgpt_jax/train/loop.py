@@ -344,8 +344,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: s
   if primary:
     _atomic_write(wd / "config.json", c.to_json(indent=2))
     run.data.save_id_maps(wd)  # raw <-> dense ids, when the data came from an interaction log
-  log = MetricsLog(wd) if primary else NullLog()
-
   meta = {"epoch": 0, "iterator": None, "best": None, "bad_evals": 0, "history": []}
   state = run.state
   if run.ckpt.latest_step() is not None:
@@ -365,6 +363,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: s
   step = int(jax.device_get(state.step))
   stop = bool(c.train.max_steps and step >= c.train.max_steps)
   metric = c.eval.metric
+  # Opened only now, inside the try that closes it: a start that fails (e.g. a bad warm start) must not leave
+  # a TensorBoard writer whose atexit hook prints a traceback after the one-line error (Python 3.12).
+  log = MetricsLog(wd) if primary else NullLog()
   try:
     while meta["epoch"] < c.train.num_epochs and not stop:
       epoch = meta["epoch"]
