@@ -76,7 +76,9 @@ def jit_step(
   devices = devices or jax.devices()
   mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
   replicated = jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), state)
-  return step_lib.jit_train_step(step_fn, replicated, mesh), state
+  # Committed to its sharding now: an uncommitted fresh state would make the second call (fed the first call's
+  # committed output) compile the step a second time.
+  return step_lib.jit_train_step(step_fn, replicated, mesh), jax.device_put(state, replicated)
 
 
 def train_step(
