@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from recgpt_jax.parallel import mesh as mesh_lib
 from recgpt_jax.parallel import topk
 
 KS = (5, 10, 20)
@@ -78,6 +79,10 @@ def make_eval_step(
   """
 
   def eval_step(params, batch):
+    with mesh_lib.kernel_mesh(mesh, nnx.merge(graphdef, params).cfg.attention_impl):
+      return _eval_step(params, batch)
+
+  def _eval_step(params, batch):
     if recall_fn is not None:
       per_user = list_metrics(recall_fn(params, batch)["items"], batch["answer"], ks)
     else:

@@ -46,6 +46,9 @@ ATTENTION_KINDS = ("softmax", "flow")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "chunked")
 # The platforms (jax.Device.platform) a fused implementation runs on.
 IMPL_PLATFORMS = {"cudnn": ("gpu", "cuda"), "splash": ("tpu",)}
+# Kernels the compiler cannot partition: the step is traced under its mesh (parallel.mesh.kernel_mesh) and the
+# kernel shard_maps itself over the batch.
+IMPLS_NEEDING_MESH = ("splash",)
 # auto: Flow-Attention is chunked from this row length on (bench_attention: equal speed near L = 128-256 on CPU;
 # the quadratic form's [L, L] buffers dominate memory beyond).
 FLOW_CHUNKED_MIN_LEN = 256
@@ -171,7 +174,8 @@ def softmax_splash(
 
   Rows are padded with padding tokens to a multiple of ``SPLASH_BLOCK``; padding queries attend padding keys
   inside the kernel and are zeroed after. ``interpret=True`` runs the kernel in the Pallas interpreter on any
-  platform (tests on CPU). Returns ``[b, h, len, d]``.
+  platform (tests on CPU). Traced under a mesh (``parallel.mesh.kernel_mesh``), the kernel runs under
+  ``shard_map`` with the rows split over ``data``. Returns ``[b, h, len, d]``.
   """
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
@@ -198,9 +202,14 @@ def softmax_splash(
     interpret=interpret,
   )
   scaled_q = q * jnp.asarray(d**-0.5, q.dtype)  # splash applies no scale
-  y = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=splash.SegmentIds(q=s1, kv=s1)))(
-    pad(scaled_q), pad(k), pad(v), ids
-  )
+  rows = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=splash.SegmentIds(q=s1, kv=s1)))
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:
+    # A Mosaic kernel is not partitioned by the compiler: each device runs it on its rows (batch over `data`;
+    # heads are not split, so the other axes hold replicas).
+    spec = jax.sharding.PartitionSpec("data" if "data" in mesh.axis_names else None)
+    rows = jax.shard_map(rows, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec, check_vma=False)
+  y = rows(pad(scaled_q), pad(k), pad(v), ids)
   return y[:, :, :length].astype(v.dtype) * _valid(seq_ids).astype(v.dtype)
 
 

@@ -12,6 +12,7 @@ are contiguous along each axis and only the outer part crosses the data-centre n
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -105,3 +106,14 @@ def param_specs(model: nnx.Module, rules: Rules) -> dict[str, Any]:
 def shardings(specs: Any, mesh: Mesh) -> Any:
   """``NamedSharding`` for every ``PartitionSpec`` leaf of ``specs``."""
   return jax.tree.map(lambda p: NamedSharding(mesh, p), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def kernel_mesh(mesh: Mesh | None, attention_impl: str = "auto") -> contextlib.AbstractContextManager:
+  """Context for tracing a step over ``mesh``: the mesh becomes the abstract mesh when the model's attention
+  kernel cannot be partitioned by the compiler (Pallas splash attention: a Mosaic custom call), so the kernel
+  ``shard_map``s itself over it (``recgpt_jax.model.attention.softmax_splash``). Otherwise a no-op."""
+  from recgpt_jax.model import attention
+
+  if mesh is None or attention_impl not in attention.IMPLS_NEEDING_MESH:
+    return contextlib.nullcontext()
+  return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)

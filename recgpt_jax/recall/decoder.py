@@ -22,6 +22,7 @@ from flax import nnx
 
 from recgpt_jax.eval.metrics import exclude_items
 from recgpt_jax.model import decode
+from recgpt_jax.parallel import mesh as mesh_lib
 from recgpt_jax.parallel import topk
 
 PREFILL_INPUTS = ("items", "positions", "segments", "seq_ids", "users", "last_row", "last_col")
@@ -61,6 +62,10 @@ def make_recall_fn(graphdef: nnx.GraphDef, quotas: Sequence[int], head: str = "t
 
   @jax.jit
   def recall(params, batch):
+    with mesh_lib.kernel_mesh(mesh, nnx.merge(graphdef, params).cfg.attention_impl):
+      return _recall(params, batch)
+
+  def _recall(params, batch):
     model = nnx.merge(graphdef, params)
     hidden_ud, state = decode.prefill(model, *(batch[k] for k in PREFILL_INPUTS), max_steps=num_steps - 1)
     history_uh = batch["history"]

@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from recgpt_jax.parallel import mesh as mesh_lib
 from recgpt_jax.parallel import topk, vocab
 from recgpt_jax.train import losses, prompts, rows
 
@@ -189,6 +190,10 @@ def make_train_step(
   """
 
   def train_step(state: TrainState, batch: Batch):
+    with mesh_lib.kernel_mesh(mesh, nnx.merge(graphdef, state.params).cfg.attention_impl):
+      return _train_step(state, batch)
+
+  def _train_step(state: TrainState, batch: Batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     drop_key, neg_key = jax.random.split(key)
     metrics = {}

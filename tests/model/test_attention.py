@@ -185,3 +185,33 @@ def test_available_impls_pass_the_check():
   attention.check_impl("softmax", "splash", platform="tpu")
   attention.check_impl("flow", "chunked", platform="cpu")
   attention.check_impl("softmax", "xla", attn_dropout=0.5, platform="cpu")
+
+
+def test_splash_attention_under_a_mesh_equals_xla_form():
+  """Traced under a 2 x 2 mesh (parallel.mesh.kernel_mesh), the kernel shard_maps itself over `data`: the Mosaic
+  kernel cannot be partitioned by the compiler. Value and gradients equal the XLA form (replicas over `model` do
+  not double the gradient)."""
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from recgpt_jax.parallel import mesh as mesh_lib
+
+  mesh = jax.make_mesh(
+    (2, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=jax.devices()[:4]
+  )
+  rng = np.random.default_rng(3)
+  seq = jnp.asarray(np.repeat(SEQ_IDS_LONG[:1], 4, axis=0))
+  q, k, v, w = (jnp.asarray(rng.normal(size=(4, 2, seq.shape[1], 8)).astype(np.float32)) for _ in range(4))
+
+  def splash(q, k, v):
+    with mesh_lib.kernel_mesh(mesh, "splash"):
+      return jnp.sum(attention.softmax_splash(q, k, v, seq, interpret=True) * w)
+
+  def xla(q, k, v):
+    return jnp.sum(attention.softmax_attention(q, k, v, attention.causal_packed_mask(seq)) * w)
+
+  sharded = [jax.device_put(t, NamedSharding(mesh, PartitionSpec("data"))) for t in (q, k, v)]
+  got = jax.jit(jax.value_and_grad(splash, argnums=(0, 1, 2)))(*sharded)
+  want = jax.value_and_grad(xla, argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for g, x in zip(got[1], want[1], strict=True):
+    np.testing.assert_allclose(g, x, rtol=1e-5, atol=1e-5)

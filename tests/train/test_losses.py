@@ -155,3 +155,84 @@ def test_sort_free_negatives_match_with_junk_padding():
         np.asarray(losses.sample_negatives(key, items, targets, seq_ids, num_items)),
         np.asarray(_sort_based_negatives(key, items, targets, seq_ids, num_items)),
       )
+
+
+def _with_junk_gaps(rng, items, targets, seq_ids, num_items):
+  """Cut padding spans into the middle of rows, carrying junk items (some outside ``1..num_items``), and
+  relabel the users with large, unordered ids (so no combined (user, item) key could fit in int32)."""
+  items, targets, seq_ids = (np.array(a) for a in (items, targets, seq_ids))
+  rows, length = items.shape
+  for r in range(rows):
+    for _ in range(int(rng.integers(0, 3))):
+      start = int(rng.integers(0, length))
+      end = min(length, start + int(rng.integers(1, max(2, length // 4))))
+      seq_ids[r, start:end] = 0
+      items[r, start:end] = rng.integers(0, num_items + 3, size=end - start)
+      targets[r, start:end] = rng.integers(0, num_items + 3, size=end - start)
+  labels = rng.choice(np.arange(1, 2**31 - 1, 2**20), size=seq_ids.max() + 1, replace=False)
+  labels[0] = 0  # padding keeps seq_id 0
+  return jnp.asarray(items), jnp.asarray(targets), jnp.asarray(labels[seq_ids].astype(np.int32))
+
+
+def _assert_outside_user_sets(negatives, items, targets, seq_ids, num_items):
+  """Every non-padding negative is a real item its user never touched (unless the user owns the catalogue)."""
+  its, tgs, sids = map(np.asarray, (items, targets, seq_ids))
+  for r in range(its.shape[0]):
+    for user in np.unique(sids[r][sids[r] != 0]):
+      mine = sids[r] == user
+      owned = np.setdiff1d(np.union1d(its[r][mine], tgs[r][mine]), [0])
+      got = negatives[r][mine]
+      assert ((got >= 1) & (got <= num_items)).all()
+      if len(owned) < num_items:
+        assert not np.isin(got, owned).any()
+
+
+# The cases above, then longer rows (lengths not powers of two) and users owning nearly all of 1-5 items.
+_SORTED_CASES = _NEGATIVE_CASES + [
+  (3, 37, 4, 3, 4, False),
+  (2, 45, 2, 6, 2, True),
+  (3, 33, 5, 1, 5, False),
+  (2, 300, 700, 12, 80, False),
+]
+
+
+@pytest.mark.parametrize("case", _SORTED_CASES)
+def test_sorted_negatives_match_pairwise(case):
+  rows, length, num_items, max_users, pool, shifted = case
+  rng = np.random.default_rng(sum(case) + 7)
+  pairwise = jax.jit(losses._pairwise_negatives, static_argnums=4)
+  sorted_form = jax.jit(losses._sorted_negatives, static_argnums=4)
+  for trial in range(4):
+    batch = _packed_batch(rng, rows, length, num_items, max_users, pool, shifted)
+    if trial % 2:
+      batch = _with_junk_gaps(rng, *batch, num_items)
+    for seed in range(3):
+      key = jax.random.key(1000 * trial + seed)
+      got = np.asarray(sorted_form(key, *batch, num_items))
+      assert got.dtype == np.int32
+      np.testing.assert_array_equal(got, np.asarray(pairwise(key, *batch, num_items)))  # padding included
+      _assert_outside_user_sets(got, *batch, num_items)
+
+
+def test_sample_negatives_dispatches_on_row_length():
+  calls = []
+  with pytest.MonkeyPatch.context() as patch:
+    for name in ("_pairwise_negatives", "_sorted_negatives"):
+      form = getattr(losses, name)
+      patch.setattr(losses, name, lambda *args, _name=name, _form=form: calls.append(_name) or _form(*args))
+    for length in (1, losses._SORTED_MIN_LEN - 1, losses._SORTED_MIN_LEN, 3 * losses._SORTED_MIN_LEN + 5):
+      tokens = jax.ShapeDtypeStruct((2, length), jnp.int32)
+      out = jax.eval_shape(losses.sample_negatives, jax.random.key(0), tokens, tokens, tokens, 50)  # trace only
+      assert (out.shape, out.dtype) == ((2, length), jnp.int32)
+  # Rows shorter than _SORTED_MIN_LEN (1 and _SORTED_MIN_LEN - 1) run pairwise, the other two sorted.
+  assert calls == ["_pairwise_negatives"] * 2 + ["_sorted_negatives"] * 2
+
+
+def test_sorted_negatives_are_linear_in_memory():
+  # At len 4096 a single [2len, 2len] bool comparison of the pairwise form is 64 MiB per row.
+  rows, length, num_items = 2, 4096, 700
+  batch = _packed_batch(np.random.default_rng(3), rows, length, num_items, 6, 300, False)
+  compiled = jax.jit(losses._sorted_negatives, static_argnums=4).lower(jax.random.key(0), *batch, num_items).compile()
+  pairwise_bytes = rows * (2 * length) ** 2
+  assert compiled.memory_analysis().temp_size_in_bytes < pairwise_bytes // 64
+  _assert_outside_user_sets(np.asarray(compiled(jax.random.key(1), *batch)), *batch, num_items)
