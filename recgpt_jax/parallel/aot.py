@@ -1,10 +1,12 @@
 """Ahead-of-time compilation of the package's programs for accelerators that are not present.
 
 A *target* names a chip and a topology: ``tpu:v5e:2x4`` (8 TPU v5e chips), ``tpu:v5e:16x16`` (256),
-``tpu:v5p:2x2x2``, ``tpu:v4:2x2x1``, ``tpu:v6e:2x2``, ``gpu:h100:1x1x8`` (8 H100 SXM), ``gpu:h200:1x1x8``.
-``target_devices`` turns it into device objects with ``jax.experimental.topologies`` (libtpu for TPU, the jax
-CUDA plugin and one of XLA's GPU target descriptions for GPU); no device needs to be attached, and the
-process may run on the CPU backend (``JAX_PLATFORMS=cpu``).
+``tpu:v5p:2x2x2``, ``tpu:v6e:2x2``, ``gpu:h100:1x1x8`` (8 H100 SXM), ``gpu:h200:1x1x8``. ``target_devices`` turns
+it into device objects with ``jax.experimental.topologies`` (libtpu for TPU, the jax CUDA plugin and one of XLA's
+GPU target descriptions for GPU); no device needs to be attached, and the process may run on the CPU backend
+(``JAX_PLATFORMS=cpu``). TPU v4 is in the chip table, but its topology descriptions list each of a chip's two
+TensorCores as a device, and jax builds TPU v4+ meshes from one device per chip (megacore): v4 targets stop with a
+one-line error.
 
 ``build`` and ``make_program`` build, from a config and the catalogue sizes alone (no data), the jitted functions
 ``recgpt_jax.train.loop.Run`` builds: the pre-training and prompt-tuning train steps, the evaluation step and the
@@ -105,6 +107,9 @@ class Target:
   platform: str  # 'tpu' or 'gpu'
   chip: str  # key of CHIPS
   topology: str  # 'AxB' / 'AxBxC'
+  # Devices per chip: 2 for TPU v4, whose topology lists each TensorCore as a device (no megacore); set by
+  # ``with_devices``.
+  devices_per_chip: int = 1
 
   @property
   def name(self) -> str:
@@ -112,11 +117,32 @@ class Target:
 
   @property
   def spec(self) -> Chip:
-    return CHIPS[self.chip]
+    """The figures of one *device*: the chip's, or its share when a chip is several devices."""
+    chip = CHIPS[self.chip]
+    n = self.devices_per_chip
+    if n == 1:
+      return chip
+    return dataclasses.replace(
+      chip,
+      name=f"{chip.name} (1 of {n} TensorCores)",
+      peak_flops=chip.peak_flops / n,
+      hbm_bytes_per_s=chip.hbm_bytes_per_s / n,
+      hbm_bytes=chip.hbm_bytes // n,
+    )
+
+  @property
+  def num_chips(self) -> int:
+    return math.prod(int(x) for x in self.topology.split("x"))
 
   @property
   def num_devices(self) -> int:
-    return math.prod(int(x) for x in self.topology.split("x"))
+    return self.num_chips * self.devices_per_chip
+
+  def with_devices(self, devices: Sequence) -> Target:
+    """This target with ``devices_per_chip`` read off its devices."""
+    if len(devices) % self.num_chips:
+      raise ConfigError(f"target {self.name}: {len(devices)} devices do not split over {self.num_chips} chips")
+    return dataclasses.replace(self, devices_per_chip=len(devices) // self.num_chips)
 
   @property
   def memory_limit(self) -> int:
@@ -141,7 +167,8 @@ def parse_target(text: str) -> Target:
 
 
 def target_devices(target: Target, gpu_spec_text: str | None = None) -> list:
-  """The devices of ``target`` (none needs to be attached).
+  """The devices of ``target`` (none needs to be attached); ``target.with_devices(devices)`` then knows how many
+  devices a chip is.
 
   Args:
     target: the target.
@@ -167,10 +194,7 @@ def target_devices(target: Target, gpu_spec_text: str | None = None) -> list:
   except (RuntimeError, ValueError) as e:  # jax.errors.JaxRuntimeError is a RuntimeError
     detail = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
     raise ConfigError(f"cannot compile for {target.name}: {detail}") from None
-  devices = list(topo.devices)
-  if len(devices) != target.num_devices:
-    raise ConfigError(f"target {target.name} has {len(devices)} devices, not {target.num_devices}")
-  return devices
+  return list(topo.devices)
 
 
 # --- the programs -------------------------------------------------------------------------------------------
