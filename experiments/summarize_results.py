@@ -125,10 +125,17 @@ def main() -> None:
     lines.append("")
   lines += ablation("softmax", "Beauty ablation, softmax attention (test)")
   lines += ablation("flow", "Beauty ablation, flow attention (test)")
+  seen = set()
   for path, r in benches:
     md = path.with_suffix(".md")
+    if not md.exists():  # e.g. the aot_*.json records share one table, aot_compile.md
+      md = path.with_name(f"{r['benchmark']}.md")
+    if md in seen:
+      continue
+    seen.add(md)
     date = r.get("date", r.get("date_utc", "?"))
-    lines += [f"## Benchmark `{r['benchmark']}`", "", f"See [{md.name}]({md.name}) ({date}, {r['machine']}).", ""]
+    machine = r["machine"] if isinstance(r["machine"], str) else r["machine"].get("cpu", "?")
+    lines += [f"## Benchmark `{r['benchmark']}`", "", f"See [{md.name}]({md.name}) ({date}, {machine}).", ""]
   (RESULTS / "README.md").write_text("\n".join(lines))
   print("\n".join(lines))
 
