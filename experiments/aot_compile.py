@@ -159,7 +159,13 @@ class CostFromCpu:
   def __init__(self, config, sizes, num_devices: int):
     from recgpt_jax.parallel import aot
 
-    self.config, self.sizes, self.num_devices = config, sizes, num_devices
+    self.sizes, self.num_devices = sizes, num_devices
+    self.note = ""
+    if config.model.attention_impl in ("cudnn", "splash"):  # GPU/TPU-only kernels: the CPU twin uses the XLA form
+      config = config.copy_and_resolve_references()
+      self.note = f"; attention_impl {config.model.attention_impl} counted as its XLA form"
+      config.model.attention_impl = "xla"
+    self.config = config
     devices = aot.cpu_mesh_devices(num_devices)
     self.built = None if devices is None else aot.build(config, **sizes, devices=devices)
 
@@ -175,7 +181,7 @@ class CostFromCpu:
     return _CPU_COSTS[key], (
       f"XLA cost analysis of the same program compiled for {self.num_devices} CPU devices (same mesh and SPMD"
       " partitioning; the GPU compiler reports no cost analysis): FLOPs as on the GPU, bytes accessed under"
-      " XLA's CPU fusion"
+      " XLA's CPU fusion" + self.note
     )
 
 
@@ -264,8 +270,11 @@ def run_target(config, target_name: str) -> dict:
     rep = aot.report(
       result, target, cost_fallback=fallback, keep_hlo_ops=_KEEP_HLO.value, table_shard_elements=shard_elements
     )
+    if result.compiled is not None:  # fused attention kernels in the compiled program (cuDNN fmha, Mosaic/splash)
+      text = result.compiled.as_text()
+      rep["kernel_calls"] = {"cudnn_fmha": text.count("__cudnn$fmha"), "tpu_custom_call": text.count("tpu_custom_call")}
     record["programs"].append(rep)
-    log("  " + summary_line(rep))
+    log("  " + summary_line(rep) + (f", kernels {rep['kernel_calls']}" if "kernel_calls" in rep else ""))
   data = mesh_shape["data"]
   for name in [s for s in _SEARCH.value if s]:
     if name not in ("pretrain_step", "prompt_tune_step"):
