@@ -44,7 +44,6 @@ import importlib.util  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import pathlib  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from importlib import metadata  # noqa: E402
@@ -52,6 +51,7 @@ from importlib import metadata  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from recgpt_jax import errors, provenance  # noqa: E402
 from recgpt_jax.errors import UserError  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -88,29 +88,14 @@ def log(msg: str) -> None:
   print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def git_commit() -> str:
-  try:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-    return head.stdout.strip() + ("+dirty" if dirty.strip() else "")
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-
-
 def machine() -> dict:
   import jax
 
-  cpu = "unknown"
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-  except OSError:
-    pass
   versions = {"jax": jax.__version__}
   for dist in ("jaxlib", "libtpu", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax"):
     with contextlib.suppress(metadata.PackageNotFoundError):
       versions[dist] = metadata.version(dist)
-  return {"cpu": cpu, "cores": os.cpu_count(), "versions": versions}
+  return {"cpu": provenance.cpu_name(), "cores": os.cpu_count(), "versions": versions}
 
 
 def catalogue() -> tuple[int, int]:
@@ -222,7 +207,7 @@ def run_target(config, target_name: str) -> dict:
     "command": "python -m experiments.aot_compile " + " ".join(sys.argv[1:]),
     "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
     "machine": machine(),
-    "git_commit": git_commit(),
+    "git_commit": provenance.git_commit(),
     "config_name": c.name,
     "config": json.loads(c.to_json()),
     "target": {
@@ -412,18 +397,6 @@ def merge(path: pathlib.Path, record: dict) -> dict:
   }
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  """Parses flags; a bad flag or config field is one line on stderr and exit code 2."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    message = str(e)
-  except (AttributeError, KeyError, TypeError, ValueError, OSError, SyntaxError) as e:
-    message = f"bad --config: {str(e).strip(chr(34)).strip(chr(39))}"
-  print(f"error: {message.splitlines()[0] if message else 'bad flags'} (see --helpshort)", file=sys.stderr)
-  sys.exit(2)
-
-
 # --- markdown -------------------------------------------------------------------------------------------------
 
 
@@ -558,4 +531,4 @@ def _program_row(rec: dict, mesh: str, p: dict) -> str:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=errors.parse_flags_or_exit)

@@ -41,7 +41,6 @@ import json  # noqa: E402
 import pathlib  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -53,6 +52,7 @@ from absl import app, flags  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from recgpt_jax import provenance  # noqa: E402
 from recgpt_jax.parallel import hlo  # noqa: E402
 from recgpt_jax.parallel.topk import sharded_top_k  # noqa: E402
 
@@ -112,30 +112,14 @@ def mem_available() -> int:
 
 
 def machine() -> dict:
-  cpu = "unknown"
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-  except OSError:
-    pass
   return {
-    "cpu": cpu,
+    "cpu": provenance.cpu_name(),
     "cores": os.cpu_count(),
     "memory_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
     "devices": f"{jax.devices()[0].platform} x{jax.device_count()}",
     "jax_version": jax.__version__,
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
-
-
-def git_commit() -> str:
-  root = pathlib.Path(__file__).resolve().parents[1]
-  try:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
-    return head.stdout.strip() + ("+dirty" if dirty.strip() else "")
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
 
 
 def memory(compiled) -> dict[str, int]:
@@ -337,7 +321,7 @@ def main(argv):
     "command": "python " + " ".join(sys.argv),
     "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
     "machine": machine(),
-    "git_commit": git_commit(),
+    "git_commit": provenance.git_commit(),
     "load_average_start": os.getloadavg(),
     "config": {
       "items": [int(x) for x in _ITEMS.value],

@@ -73,7 +73,7 @@ except Exception as e:  # noqa: BLE001 - any import failure (missing wheel, prot
   sys.modules["grain"] = types.ModuleType("grain")  # data.pipeline needs Grain only to iterate an epoch
 
 from experiments import reference  # noqa: E402 - after the Grain fallback
-from recgpt_jax import errors  # noqa: E402
+from recgpt_jax import errors, provenance  # noqa: E402
 from recgpt_jax.config import base_config  # noqa: E402
 from recgpt_jax.data import io, packing, pipeline, split  # noqa: E402
 from recgpt_jax.model import attention  # noqa: E402
@@ -219,25 +219,13 @@ def environment() -> dict:
 
 
 def machine_description(env: dict) -> str:
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-  except OSError:
-    pass
-  return f"{cpu}, {os.cpu_count()} cores, {env['device_kind']} x{len(env['devices'])}"
+  return f"{provenance.cpu_name()}, {os.cpu_count()} cores, {env['device_kind']} x{len(env['devices'])}"
 
 
 def git_commit() -> str:
   if _GIT_COMMIT.value or os.environ.get("GIT_COMMIT"):
     return _GIT_COMMIT.value or os.environ["GIT_COMMIT"]
-  root = pathlib.Path(__file__).resolve().parents[1]
-  try:
-    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
-    return out.stdout.strip() + ("+dirty" if dirty.strip() else "")
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown (no git checkout; pass --git_commit)"
+  return provenance.git_commit(unknown="unknown (no git checkout; pass --git_commit)")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """User-facing errors: reported as one line on stderr with a non-zero exit, never a traceback."""
 
+import sys
+
 
 class UserError(Exception):
   """A problem with the user's input (data, config, flags). ``exit_code`` is the process exit code."""
@@ -13,3 +15,19 @@ class DataError(UserError, ValueError):
 
 class ConfigError(UserError, ValueError):
   """An invalid configuration value or combination of values."""
+
+
+def parse_flags_or_exit(argv: list[str]) -> list[str]:
+  """absl ``flags_parser`` of the command-line programs: any bad flag, config file or config field is one line on
+  stderr and exit code 2 (``app.run(main, flags_parser=parse_flags_or_exit)``)."""
+  from absl import flags
+
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+  except (AttributeError, KeyError, TypeError, ValueError, OSError, SyntaxError) as e:
+    # ml_collections raises these for an unknown --config.<field> or an unloadable config file.
+    message = f"bad --config: {str(e).strip(chr(34)).strip(chr(39))}"
+  print(f"error: {message.splitlines()[0] if message else 'bad flags'} (see --helpshort)", file=sys.stderr)
+  sys.exit(2)

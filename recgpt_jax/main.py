@@ -20,6 +20,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from recgpt_jax import errors
 from recgpt_jax.errors import UserError
 
 MODES = ("pretrain", "prompt_tune", "evaluate", "recommend")
@@ -120,21 +121,8 @@ def main(argv: list[str]) -> None:
     sys.exit(130)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  """Parses flags; any bad flag, config file or config field is one line on stderr and exit code 2."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    message = str(e)
-  except (AttributeError, KeyError, TypeError, ValueError, OSError, SyntaxError) as e:
-    # ml_collections raises these for an unknown --config.<field> or an unloadable config file.
-    message = f"bad --config: {str(e).strip(chr(34)).strip(chr(39))}"
-  print(f"error: {message.splitlines()[0] if message else 'bad flags'} (see --helpshort)", file=sys.stderr)
-  sys.exit(2)
-
-
 def run() -> None:
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=errors.parse_flags_or_exit)
 
 
 if __name__ == "__main__":

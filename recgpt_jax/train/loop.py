@@ -12,8 +12,6 @@ import logging
 import math
 import os
 import pathlib
-import platform
-import subprocess
 import sys
 import time
 from typing import Any
@@ -25,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from recgpt_jax import config as config_lib
+from recgpt_jax import provenance
 from recgpt_jax.data import io, packing, pipeline, split, tfds_builder
 from recgpt_jax.errors import ConfigError, UserError
 from recgpt_jax.eval import metrics as metrics_lib
@@ -60,23 +59,10 @@ def _atomic_write(path: pathlib.Path, text: str) -> None:
 
 
 def machine_description() -> str:
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-  except OSError:
-    pass
-  return f"{cpu}, {os.cpu_count()} cores, {jax.devices()[0].platform} x{jax.device_count()}"
+  return f"{provenance.cpu_name()}, {os.cpu_count()} cores, {jax.devices()[0].platform} x{jax.device_count()}"
 
 
-def git_commit() -> str:
-  try:
-    root = pathlib.Path(__file__).resolve().parents[2]
-    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
-    return out.stdout.strip() + ("+dirty" if dirty.strip() else "")
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
+git_commit = provenance.git_commit
 
 
 class Run:

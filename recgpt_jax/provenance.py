@@ -1,0 +1,33 @@
+"""Where a result came from: the machine's CPU and the code's git commit, recorded with every results file.
+
+Kept free of heavy imports (no jax, no data stack), so benchmark scripts on a bare accelerator machine can use it.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import platform
+import subprocess
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def cpu_name() -> str:
+  """The CPU model from /proc/cpuinfo, else what ``platform`` knows."""
+  cpu = platform.processor() or platform.machine() or "unknown"
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+  except OSError:
+    pass
+  return cpu
+
+
+def git_commit(root: pathlib.Path = ROOT, unknown: str = "unknown") -> str:
+  """``HEAD`` of the checkout at ``root``, with ``+dirty`` when the tree has changes; ``unknown`` without git."""
+  try:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
+    return out.stdout.strip() + ("+dirty" if dirty.strip() else "")
+  except (OSError, subprocess.CalledProcessError):
+    return unknown
