@@ -92,6 +92,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.prompt.width = 1  # w: generated items per prompt
   c.prompt.head = "tied"  # head whose top items become the prompts: 'tied' or 'untied'
   c.prompt.hard_negative_weight = 0.0  # extra loss ranking the clicked item above the shown prompt (0 = off)
+  # Where the generated items come from: 'top' (the model's best items, the paper), 'sample' (drawn from the
+  # model's softmax at prompt.temperature, without replacement), 'uniform' (random items) or 'popularity'
+  # (random items drawn by training-set popularity). Items already in the prefix are never chosen.
+  c.prompt.source = "top"
+  c.prompt.temperature = 1.0  # softmax temperature of source='sample'
+  c.prompt.gen_dropout = False  # generate with dropout on (the authors' code generates in train mode)
+  # Aligned prompting (beyond the paper): the position holding a shown prompt is trained on what the user
+  # actually did next (the feedback), with the shown item excluded from that position's softmax, as the
+  # second step of the multi-interest recall uses it. False = the paper's targets.
+  c.prompt.aligned = False
 
   c.mesh = ml_collections.ConfigDict()
   # Device mesh (axes `data` and `model`; recgpt_jax.parallel.mesh). Sizes within a slice; -1 = all
@@ -166,6 +176,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   need(c.prompt.head in ("tied", "untied"), f"prompt.head must be 'tied' or 'untied', got {c.prompt.head!r}")
   need(c.prompt.head == "tied" or c.model.untied_head, "prompt.head='untied' needs model.untied_head=True")
   need(c.prompt.hard_negative_weight >= 0, "prompt.hard_negative_weight must be >= 0")
+  sources = ("top", "sample", "uniform", "popularity")
+  need(c.prompt.source in sources, f"prompt.source must be one of {sources}, got {c.prompt.source!r}")
+  need(c.prompt.temperature > 0, f"prompt.temperature must be > 0, got {c.prompt.temperature}")
   quotas = tuple(c.recall.quotas)
   need(
     len(quotas) >= 1 and all(isinstance(m, int) and m >= 1 for m in quotas),

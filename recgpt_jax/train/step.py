@@ -78,12 +78,20 @@ class PromptConfig:
     head: head whose scores choose the generated items: ``'tied'`` or ``'untied'``.
     hard_negative_weight: weight of an extra pairwise loss that ranks the real next item above the
       generated-but-not-clicked item shown before it (0 = off, the paper's loss).
+    source: where generated items come from: 'top', 'sample', 'uniform' or 'popularity'.
+    temperature: softmax temperature of ``source='sample'``.
+    gen_dropout: generate with dropout on (the authors' behaviour).
+    aligned: train the position holding a shown prompt on the feedback item, the shown item excluded.
   """
 
   mode: str = "last"
   width: int = 1
   head: str = "tied"
   hard_negative_weight: float = 0.0
+  source: str = "top"
+  temperature: float = 1.0
+  gen_dropout: bool = False
+  aligned: bool = False
 
 
 def _negatives(key: jax.Array, batch: Batch, loss_cfg: LossConfig, num_items: int) -> jax.Array | None:
