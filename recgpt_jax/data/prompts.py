@@ -19,6 +19,8 @@ Modes (``w`` = prompt width):
   keep their next-real-item targets; the last ``max_len`` positions are kept.
 
 Both views start at the span's first column, so token ``i`` of the span has position ``i`` in both.
+Aligned prompting needs no other layout: its slot targets (the real target at ``gen``) and exclusions (the
+picks of ``gen`` up to ``rank``) are derived on device (``recgpt_jax.train.prompts.aligned_targets``).
 """
 
 from __future__ import annotations

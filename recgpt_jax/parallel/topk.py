@@ -56,6 +56,7 @@ def sharded_top_k(
   exclude_ue: jax.Array | None = None,
   bias_v: jax.Array | None = None,
   num_valid: int | None = None,
+  noise_uv: jax.Array | None = None,
   vocab_axis: str = "model",
   batch_axis: AxisNames = "data",
 ) -> tuple[jax.Array, jax.Array]:
@@ -77,6 +78,9 @@ def sharded_top_k(
       duplicates are fine.
     bias_v: optional ``[V]`` per-item bias added to the scores.
     num_valid: rows ``>= num_valid`` are padding and never returned; default ``V``.
+    noise_uv: optional ``[U, V]`` float32 added to the scores (before the masks), split like the score matrix
+      (users along ``batch_axis``, items along ``vocab_axis``): e.g. scaled Gumbel noise, which makes the
+      top-``k`` a draw without replacement (``recgpt_jax.train.prompts``).
     vocab_axis: mesh axis the table is split along.
     batch_axis: mesh axis (or tuple of axes, or ``None`` for no split) the users are split along.
 
@@ -109,12 +113,16 @@ def sharded_top_k(
     raise ValueError(f"bias has shape {bias_v.shape}, expected ({vocab},)")
   if exclude_ue is not None and (exclude_ue.ndim != 2 or exclude_ue.shape[0] != num_users):
     raise ValueError(f"exclusion list has shape {exclude_ue.shape}, expected ({num_users}, E)")
+  if noise_uv is not None and noise_uv.shape != (num_users, vocab):
+    raise ValueError(f"noise has shape {noise_uv.shape}, expected ({num_users}, {vocab})")
 
   vocab_loc = vocab // shards
   k_loc = min(k, vocab_loc)
 
-  def local(q_ud, t_vd, b_v, ex_ue):
+  def local(q_ud, t_vd, b_v, ex_ue, noise_uv):
     scores_uv = precision.item_scores(q_ud, t_vd, b_v)  # float32 whatever the activation dtype
+    if noise_uv is not None:
+      scores_uv = scores_uv + noise_uv
     low = jnp.finfo(scores_uv.dtype).min
     offset = jax.lax.axis_index(vocab_axis) * vocab_loc if shards > 1 else 0
     ids_v = offset + jnp.arange(vocab_loc, dtype=jnp.int32)
@@ -145,8 +153,9 @@ def sharded_top_k(
       P(vocab_split, None),
       None if bias_v is None else P(vocab_split),
       None if exclude_ue is None else rows,
+      None if noise_uv is None else P(batch_axis, vocab_split),
     ),
     out_specs=(rows, rows),
     check_vma=True,
   )
-  return fn(queries_ud, table_vd, bias_v, exclude_ue)
+  return fn(queries_ud, table_vd, bias_v, exclude_ue, noise_uv)

@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from recgpt_jax.model import precision
+from recgpt_jax.train import losses
 
 
 def sharded_softmax_ce(
@@ -28,13 +29,14 @@ def sharded_softmax_ce(
   mesh: Mesh,
   num_valid: int,
   bias_v: jax.Array | None = None,
+  exclude_rle: jax.Array | None = None,
   data_axis: str = "data",
   vocab_axis: str = "model",
 ) -> jax.Array:
   """Mean cross-entropy of the real targets (``> 0``) against all items ``1..num_valid - 1``.
 
-  Equal to ``losses.full_softmax_ce(hidden @ table.T + bias, targets)`` with the columns ``>= num_valid``
-  (vocabulary padding) excluded, computed without gathering the table or the logits.
+  Equal to ``losses.full_softmax_ce(hidden @ table.T + bias, targets, exclude_rle)`` with the columns
+  ``>= num_valid`` (vocabulary padding) excluded, computed without gathering the table or the logits.
 
   Args:
     hidden_rld: ``[rows, len, hidden]``, rows split over ``data_axis``.
@@ -43,6 +45,8 @@ def sharded_softmax_ce(
     mesh: the device mesh.
     num_valid: ids ``>= num_valid`` are padding rows of the table and never candidates (``num_items + 1``).
     bias_v: optional ``[vocab_size]`` bias (untied head), split like the table.
+    exclude_rle: optional ``[rows, len, E]`` item ids per position that leave its softmax (0 = none), split
+      like the targets; each shard masks the ones it holds (``losses.mask_items``).
     data_axis: mesh axis the rows are split over.
     vocab_axis: mesh axis the vocabulary is split over.
 
@@ -56,13 +60,15 @@ def sharded_softmax_ce(
   if bias_v is None:
     bias_v = jnp.zeros((vocab,), jnp.float32)
 
-  def local(h_rld, t_vd, b_v, y_rl):
+  def local(h_rld, t_vd, b_v, y_rl, ex_rle):
     v_loc = t_vd.shape[0]
     offset = jax.lax.axis_index(vocab_axis) * v_loc
     ids = offset + jnp.arange(v_loc)
     logits = precision.item_scores(h_rld, t_vd, b_v)  # float32 whatever the activation dtype
     low = jnp.finfo(logits.dtype).min
     logits = jnp.where((ids == 0) | (ids >= num_valid), low, logits)
+    if ex_rle is not None:
+      logits = losses.mask_items(logits, ex_rle, offset)
     m = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=-1)), vocab_axis)  # [r, l], a constant shift
     sum_exp = jax.lax.psum(jnp.sum(jnp.exp(logits - m[..., None]), axis=-1), vocab_axis)
     lse = m + jnp.log(sum_exp)
@@ -77,6 +83,6 @@ def sharded_softmax_ce(
   return jax.shard_map(
     local,
     mesh=mesh,
-    in_specs=(P(data_axis), P(vocab_axis), P(vocab_axis), P(data_axis)),
+    in_specs=(P(data_axis), P(vocab_axis), P(vocab_axis), P(data_axis), None if exclude_rle is None else P(data_axis)),
     out_specs=P(),
-  )(hidden_rld, table_vd, bias_v, targets_rl)
+  )(hidden_rld, table_vd, bias_v, targets_rl, exclude_rle)

@@ -1,7 +1,10 @@
 """Next-item losses over packed rows, and on-device negative sampling.
 
 All losses take hidden states ``[rows, len, hidden]``, the item table ``[num_items + 1, hidden]`` and
-targets ``[rows, len]`` (0 = no loss) and return the mean over real target tokens.
+targets ``[rows, len]`` (0 = no loss) and return the mean over real target tokens. Each also takes an
+optional ``exclude`` ``[rows, len, E]`` of item ids per position (0 = none, repeats allowed) that are not
+candidates of that position: their logits leave its softmax, or, for the sampled losses, a negative equal
+to one of them is dropped. A position's target must not be among its excluded items.
 """
 
 from __future__ import annotations
@@ -20,9 +23,40 @@ def _masked_mean(per_token: jax.Array, weights: jax.Array) -> jax.Array:
   return jnp.sum(per_token * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def full_softmax_ce(logits_rlv: jax.Array, targets: jax.Array) -> jax.Array:
-  """Cross-entropy over the whole catalogue; column 0 (padding) is never a candidate."""
+def mask_items(logits_rlv: jax.Array, exclude_rle: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
+  """``logits`` with each position's excluded ids set to the lowest float (``exp`` of it is 0, so they leave
+  any softmax exactly and get no gradient).
+
+  Args:
+    logits_rlv: ``[rows, len, V]`` logits of the ids ``offset .. offset + V - 1`` (a vocabulary shard).
+    exclude_rle: ``[rows, len, E]`` global item ids; ids outside the shard (0 included when ``offset > 0``)
+      are ignored.
+    offset: global id of the first column.
+  """
+  rows, length, v = logits_rlv.shape
+  local = exclude_rle.astype(jnp.int32) - offset
+  local = jnp.where((local >= 0) & (local < v), local, v)  # out of the shard: one past the end, dropped
+  r = jnp.arange(rows)[:, None, None]
+  t = jnp.arange(length)[None, :, None]
+  return logits_rlv.at[r, t, local].set(jnp.finfo(logits_rlv.dtype).min, mode="drop")
+
+
+def _excluded(ids: jax.Array, exclude_rle: jax.Array) -> jax.Array:
+  """Whether ids are among their position's excluded items (id 0 never is): ``ids`` ``[rows, len]``, one per
+  position, gives ``[rows, len]``; ``ids`` ``[N]``, shared by all positions, gives ``[rows, len, N]``."""
+  if ids.ndim == 1:
+    hit = jnp.any(ids[None, None, :, None] == exclude_rle[:, :, None, :], axis=-1)
+  else:
+    hit = jnp.any(ids[..., None] == exclude_rle, axis=-1)
+  return hit & (ids > 0)
+
+
+def full_softmax_ce(logits_rlv: jax.Array, targets: jax.Array, exclude_rle: jax.Array | None = None) -> jax.Array:
+  """Cross-entropy over the whole catalogue; column 0 (padding) and each position's excluded items are
+  never candidates."""
   logits_rlv = logits_rlv.at[..., 0].set(jnp.finfo(logits_rlv.dtype).min)
+  if exclude_rle is not None:
+    logits_rlv = mask_items(logits_rlv, exclude_rle)
   lse = jax.nn.logsumexp(logits_rlv, axis=-1)
   target_logit = jnp.take_along_axis(logits_rlv, targets[..., None], axis=-1)[..., 0]
   return _masked_mean(lse - target_logit, (targets > 0).astype(logits_rlv.dtype))
@@ -156,24 +190,42 @@ def _sorted_negatives(
   return jnp.clip(u + 1 + skip, 1, num_items).astype(jnp.int32)
 
 
-def bce_loss(hidden_rld: jax.Array, table_vd: jax.Array, targets: jax.Array, negatives: jax.Array) -> jax.Array:
-  """Reference loss: ``-log sigmoid(s_pos) - log(1 - sigmoid(s_neg))`` with one negative per position."""
+def bce_loss(
+  hidden_rld: jax.Array,
+  table_vd: jax.Array,
+  targets: jax.Array,
+  negatives: jax.Array,
+  exclude_rle: jax.Array | None = None,
+) -> jax.Array:
+  """Reference loss: ``-log sigmoid(s_pos) - log(1 - sigmoid(s_neg))`` with one negative per position (its
+  term dropped where the negative is excluded at that position)."""
   pos = jnp.sum(hidden_rld * table_vd[targets], axis=-1)
   neg = jnp.sum(hidden_rld * table_vd[negatives], axis=-1)
-  per_token = -jax.nn.log_sigmoid(pos) - jax.nn.log_sigmoid(-neg)
+  neg_term = -jax.nn.log_sigmoid(-neg)
+  if exclude_rle is not None:
+    neg_term = jnp.where(_excluded(negatives, exclude_rle), 0.0, neg_term)
+  per_token = -jax.nn.log_sigmoid(pos) + neg_term
   return _masked_mean(per_token, (targets > 0).astype(hidden_rld.dtype))
 
 
 def sampled_softmax(
-  hidden_rld: jax.Array, table_vd: jax.Array, targets: jax.Array, negatives_n: jax.Array
+  hidden_rld: jax.Array,
+  table_vd: jax.Array,
+  targets: jax.Array,
+  negatives_n: jax.Array,
+  exclude_rle: jax.Array | None = None,
 ) -> jax.Array:
   """Softmax over the target and ``N`` negatives shared by the batch (uniform, so no logQ correction).
 
-  A negative that happens to equal the token's target is masked out of that token's softmax.
+  A negative that happens to equal the token's target, or one of its excluded items, is masked out of that
+  token's softmax.
   """
   pos = jnp.sum(hidden_rld.astype(jnp.float32) * table_vd[targets], axis=-1, keepdims=True)  # [r, l, 1]
   neg = precision.item_scores(hidden_rld, table_vd[negatives_n])  # [r, l, n] float32
-  neg = jnp.where(negatives_n[None, None, :] == targets[..., None], jnp.finfo(neg.dtype).min, neg)
+  masked = negatives_n[None, None, :] == targets[..., None]
+  if exclude_rle is not None:
+    masked = masked | _excluded(negatives_n, exclude_rle)
+  neg = jnp.where(masked, jnp.finfo(neg.dtype).min, neg)
   logits = jnp.concatenate([pos, neg], axis=-1)
   per_token = jax.nn.logsumexp(logits, axis=-1) - pos[..., 0]
   return _masked_mean(per_token, (targets > 0).astype(hidden_rld.dtype))

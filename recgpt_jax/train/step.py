@@ -13,6 +13,7 @@ from collections.abc import Callable
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -24,6 +25,9 @@ from recgpt_jax.train import losses, prompts, rows
 
 Batch = dict[str, jax.Array]
 MODEL_INPUTS = ("items", "positions", "segments", "seq_ids", "users")
+# Folded into a step's key for the randomness of prompt generation, leaving the dropout and negative keys
+# split from that key as they are in a step without prompts.
+GEN_KEY_SALT = 0x9E6
 
 
 @flax.struct.dataclass
@@ -104,47 +108,104 @@ def _negatives(key: jax.Array, batch: Batch, loss_cfg: LossConfig, num_items: in
 
 
 def _loss_from_hidden(model, hidden, batch: Batch, loss_cfg: LossConfig, mesh) -> jax.Array:
-  targets = batch["targets"]
+  """The training loss of ``batch``'s targets, each position's ``exclude`` items (if any) out of its softmax."""
+  targets, exclude = batch["targets"], batch.get("exclude")
   table, bias = model.head_weights(loss_cfg.head)
   if loss_cfg.kind == "ce":
     if mesh is None:
-      return losses.full_softmax_ce(model.logits(hidden, loss_cfg.head), targets)
-    return vocab.sharded_softmax_ce(hidden, table, targets, mesh=mesh, num_valid=model.cfg.num_items + 1, bias_v=bias)
-  if loss_cfg.kind == "bce":
-    return losses.bce_loss(hidden, table, targets, batch["negatives"])
-  return losses.sampled_softmax(hidden, table, targets, batch["negatives"])
-
-
-def prompted_batch(gen_model, batch: Batch, prompt_cfg: PromptConfig, mesh=None) -> Batch:
-  """Generates the prompts with ``gen_model`` (no dropout) and returns the prompted view as model inputs.
-
-  Each column's candidate items are the top of its scores: over the whole table at once, or, with a
-  ``mesh`` whose ``model`` axis splits the vocabulary, from the two-stage top-k over the sharded table
-  (``recgpt_jax.parallel.topk``; no full score array then). The rare column whose candidates are all used
-  is scored again on its own from the hidden states (``prompts.pick_from_candidates``).
-  """
-  hidden = gen_model(*(batch[k] for k in MODEL_INPUTS))  # the real view: true prefixes
-
-  def column_scores(hidden_rd):
-    return gen_model.logits(hidden_rd, prompt_cfg.head)
-
-  if mesh is not None and mesh.shape["model"] > 1:
-    rows, length, dim = hidden.shape
-    table, bias = gen_model.head_weights(prompt_cfg.head)
-    num_items = gen_model.cfg.num_items
-    _, candidates = topk.sharded_top_k(
-      hidden.reshape(rows * length, dim),
-      table,
-      min(prompts.NUM_CANDIDATES, num_items),
-      mesh=mesh,
-      bias_v=bias,
-      num_valid=num_items + 1,
+      return losses.full_softmax_ce(model.logits(hidden, loss_cfg.head), targets, exclude)
+    return vocab.sharded_softmax_ce(
+      hidden, table, targets, mesh=mesh, num_valid=model.cfg.num_items + 1, bias_v=bias, exclude_rle=exclude
     )
-    candidates = candidates.reshape(rows, length, -1)
+  if loss_cfg.kind == "bce":
+    return losses.bce_loss(hidden, table, targets, batch["negatives"], exclude)
+  return losses.sampled_softmax(hidden, table, targets, batch["negatives"], exclude)
+
+
+def prompted_batch(
+  gen_model,
+  batch: Batch,
+  prompt_cfg: PromptConfig,
+  mesh=None,
+  *,
+  key: jax.Array | None = None,
+  item_counts: jax.Array | None = None,
+) -> Batch:
+  """Generates the prompts with ``gen_model`` and returns the prompted view as model inputs and targets.
+
+  Candidates per column (``recgpt_jax.train.prompts``, ``prompt_cfg.source``):
+
+  * ``'top'``: the top of the model's scores on the real view, over the whole table at once or, with a
+    ``mesh`` whose ``model`` axis splits the vocabulary, from the two-stage top-k over the sharded table
+    (``recgpt_jax.parallel.topk``; no full score array then);
+  * ``'sample'``: the same with ``temperature * Gumbel`` noise added to the scores (per vocabulary shard on
+    a sharded mesh: the noise is split like the scores);
+  * ``'uniform'``, ``'popularity'``: drawn from fixed item weights, with no forward pass (same code on any
+    mesh); a user whose prefix holds every item of positive weight gets the padding item 0, as ``'top'``
+    does when a prefix holds the whole catalogue.
+
+  The rare column whose candidates are all used is ranked again on its own (``prompts.pick_from_candidates``).
+
+  Args:
+    gen_model: the model generating the prompts (current parameters; the caller stops the gradient).
+    batch: the prompt-tuning batch (``recgpt_jax.data.prompts.finish_prompt_batch``).
+    prompt_cfg: the prompt configuration.
+    mesh: optional ``('data', 'model')`` mesh; a ``model`` axis of size > 1 splits the vocabulary.
+    key: randomness of generation (Gumbel noise, draws, generation dropout); required unless
+      ``source='top'`` without ``gen_dropout``, which use no randomness.
+    item_counts: ``[num_items + 1]`` training-set count of every item id (index 0 = padding), required by
+      ``source='popularity'``.
+
+  Returns:
+    The model inputs of the prompted view, its ``targets`` and the slot layout (``gen_col``, ``gen_rank``);
+    with ``prompt_cfg.aligned``, the aligned targets, each slot's ``feedback`` (``prompts.feedback``) and the
+    per-position ``exclude`` items ``[rows, len, picks]`` of the loss (``prompts.aligned_targets``).
+  """
+  source = prompt_cfg.source
+  if source not in prompts.SOURCES:
+    raise ValueError(f"prompt.source must be one of {prompts.SOURCES}, got {source!r}")
+  if key is None and (source != "top" or prompt_cfg.gen_dropout):
+    raise ValueError(f"prompt.source={source!r} with gen_dropout={prompt_cfg.gen_dropout} needs a random key")
+  noise_key, fallback_key, dropout_key = (None,) * 3 if key is None else jax.random.split(key, 3)
+  rows, length = batch["items"].shape
+  num_items, vocab_size = gen_model.cfg.num_items, gen_model.cfg.vocab_size
+  if source in prompts.MODEL_FREE_SOURCES:
+    weights = prompts.item_weights(source, num_items, item_counts)
+    candidates = prompts.drawn_candidates(noise_key, weights, (rows, length))
+    columns = None
+
+    def column_scores(_, t):
+      return prompts.log_weights(weights)[None, :] + prompts.column_noise(fallback_key, t, (rows, num_items + 1))
+
   else:
-    candidates = prompts.top_candidates(column_scores(hidden))
-  picks = prompts.pick_from_candidates(candidates, batch, prompt_cfg.mode, prompt_cfg.width, hidden, column_scores)
-  return {
+    drop = dropout_key if prompt_cfg.gen_dropout else None
+    columns = gen_model(*(batch[k] for k in MODEL_INPUTS), dropout_key=drop)  # the real view: true prefixes
+    noise_scale = prompt_cfg.temperature if source == "sample" else None
+
+    def column_scores(hidden_rd, t):
+      scores = gen_model.logits(hidden_rd, prompt_cfg.head)
+      if noise_scale is None:
+        return scores
+      return scores + noise_scale * prompts.column_noise(noise_key, t, scores.shape)
+
+    noise = None if noise_scale is None else noise_scale * prompts.gumbel_noise(noise_key, rows, length, vocab_size)
+    if mesh is not None and mesh.shape["model"] > 1:
+      table, bias = gen_model.head_weights(prompt_cfg.head)
+      _, candidates = topk.sharded_top_k(
+        columns.reshape(rows * length, -1),
+        table,
+        min(prompts.NUM_CANDIDATES, num_items),
+        mesh=mesh,
+        bias_v=bias,
+        num_valid=num_items + 1,
+        noise_uv=None if noise is None else noise.reshape(rows * length, vocab_size),
+      )
+      candidates = candidates.reshape(rows, length, -1)
+    else:
+      scores = gen_model.logits(columns, prompt_cfg.head)
+      candidates = prompts.top_candidates(scores if noise is None else scores + noise)
+  picks = prompts.pick_from_candidates(candidates, batch, prompt_cfg.mode, prompt_cfg.width, columns, column_scores)
+  out = {
     "items": prompts.fill_prompts(picks, batch),
     "positions": batch["p_positions"],
     "segments": batch["p_segments"],
@@ -154,21 +215,29 @@ def prompted_batch(gen_model, batch: Batch, prompt_cfg: PromptConfig, mesh=None)
     "gen_col": batch["gen_col"],
     "gen_rank": batch["gen_rank"],
   }
+  if prompt_cfg.aligned:
+    out["feedback"] = prompts.feedback(batch)
+    out["targets"], out["exclude"] = prompts.aligned_targets(picks, batch, out["feedback"])
+  return out
 
 
 def hard_negative_loss(model, hidden, prompted: Batch) -> jax.Array:
   """Mean ``softplus(s_shown - s_clicked)`` over prompt slots.
 
-  A slot at column ``c`` with rank ``j`` holds an item the model showed after the real item at column
-  ``c - 1 - j``, whose target is the item the user really clicked next.
+  A slot at column ``c`` with rank ``j`` holds an item the model showed after the token at column
+  ``c - 1 - j`` (the position before its prompt group), where the user really clicked the target of that
+  token: the slot's feedback (``prompts.feedback``), read from the batch under aligned prompting, whose
+  slot targets are no longer the paper's. Slots whose showing position is outside their user's prompted
+  window (cut off by ``max_len``: it would be another user's token) are skipped.
   """
   rows = jnp.arange(hidden.shape[0])[:, None]
   slot = prompted["gen_col"] >= 0
   at = jnp.clip(jnp.arange(hidden.shape[1])[None, :] - 1 - prompted["gen_rank"], 0, hidden.shape[1] - 1)
   h = hidden[rows, at]  # [r, l, d] the hidden state that "showed" the slot's item
-  clicked = prompted["targets"][rows, at]
+  clicked = prompted["feedback"] if "feedback" in prompted else prompted["targets"][rows, at]
   shown = prompted["items"]
-  valid = slot & (clicked > 0) & (shown != clicked)
+  in_window = prompted["positions"] - 1 - prompted["gen_rank"] >= 0
+  valid = slot & in_window & (clicked > 0) & (shown != clicked)
   table = model.item_table()
   margin = jnp.sum(h * (table[shown] - table[clicked]), axis=-1)
   weights = valid.astype(hidden.dtype)
@@ -183,11 +252,15 @@ def make_train_step(
   mesh: jax.sharding.Mesh | None = None,
   *,
   adam: rows.AdamSpec | None = None,
+  item_counts: np.ndarray | jax.Array | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """Returns the pure (un-jitted) train step ``(state, batch) -> (state, metrics)``.
 
   Without ``prompt_cfg`` this is the pre-training step. With it, the step first generates the prompts
-  from the *current* parameters (no gradient flows through generation) and trains on the prompted view.
+  from the *current* parameters (no gradient flows through generation; ``prompted_batch``, its randomness
+  from the step's key folded with ``GEN_KEY_SALT``, so the dropout and negative keys are those of a step
+  without prompts) and trains on the prompted view. ``item_counts`` (``[num_items + 1]`` training-set
+  counts, index 0 = padding) is required by ``prompt_cfg.source='popularity'`` and unused otherwise.
   With ``mesh`` (axes ``data`` and ``model``), the full-softmax loss runs per vocabulary shard
   (``recgpt_jax.parallel.vocab``); without it, over the whole table on one device.
 
@@ -196,6 +269,9 @@ def make_train_step(
   the rows the batch uses (``recgpt_jax.train.rows``): the same optimizer step without a table-sized
   gradient. Without it, every parameter gets a dense gradient and ``tx`` alone updates them.
   """
+
+  if prompt_cfg is not None and prompt_cfg.source == "popularity":
+    item_counts = _checked_counts(item_counts)
 
   def train_step(state: TrainState, batch: Batch):
     with mesh_lib.kernel_mesh(mesh, nnx.merge(graphdef, state.params).cfg.attention_impl):
@@ -206,12 +282,14 @@ def make_train_step(
     drop_key, neg_key = jax.random.split(key)
     metrics = {}
     if prompt_cfg is not None:
-      batch = prompted_batch(nnx.merge(graphdef, jax.lax.stop_gradient(state.params)), batch, prompt_cfg, mesh)
+      gen_model = nnx.merge(graphdef, jax.lax.stop_gradient(state.params))
+      gen_key = jax.random.fold_in(key, GEN_KEY_SALT)
+      batch = prompted_batch(gen_model, batch, prompt_cfg, mesh, key=gen_key, item_counts=item_counts)
     cfg = nnx.merge(graphdef, state.params).cfg
     negatives = _negatives(neg_key, batch, loss_cfg, cfg.num_items)
     if negatives is not None:
       batch = {**batch, "negatives": negatives}
-    tables = rows.row_tables(cfg.user_module, loss_cfg.kind, loss_cfg.head) if adam is not None else ()
+    tables = _row_tables(cfg.user_module, loss_cfg) if adam is not None else ()
     params, batch, ids = rows.take_rows(state.params, batch, tables)
 
     def loss_fn(params):
@@ -238,6 +316,27 @@ def make_train_step(
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
+
+
+def _checked_counts(item_counts) -> np.ndarray:
+  """``item_counts`` of ``source='popularity'`` as an int32 host array, checked."""
+  if item_counts is None:
+    raise ValueError("prompt.source='popularity' needs item_counts: make_train_step(..., item_counts=counts)")
+  counts = np.asarray(item_counts)
+  total = int(counts[1:].sum(dtype=np.int64)) if counts.ndim == 1 else 0
+  if counts.ndim != 1 or (counts < 0).any() or not 0 < total < 2**31:
+    raise ValueError(
+      f"item_counts must be a [num_items + 1] vector of counts >= 0 with 0 < sum < 2**31, got shape {counts.shape},"
+      f" sum {total}"
+    )
+  return counts.astype(np.int32)
+
+
+def _row_tables(user_module: bool, loss_cfg: LossConfig) -> tuple[rows.RowTable, ...]:
+  """``rows.row_tables``, the item table also indexed by the prompted batch's ``feedback`` and ``exclude``
+  ids (the hard-negative term and the excluded items of the loss compare and gather them as item rows)."""
+  tables = rows.row_tables(user_module, loss_cfg.kind, loss_cfg.head)
+  return tuple(rows.RowTable(t.path, (*t.keys, "feedback", "exclude")) if t == rows.ITEM_TABLE else t for t in tables)
 
 
 def state_specs(state: TrainState, tx: optax.GradientTransformation, param_specs: dict) -> TrainState:

@@ -23,6 +23,67 @@ def test_full_softmax_ce_matches_numpy():
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+# [rows=2, len=3, E=2] excluded items (0 = none; a repeat is harmless) and targets outside them.
+EXCLUDE = np.array([[[3, 0], [2, 2], [0, 0]], [[6, 1], [0, 5], [4, 0]]])
+EXCLUDE_TARGETS = np.array([[1, 6, 0], [2, 3, 5]])
+
+
+def _excluded_ce_by_hand(logits, targets, exclude):
+  """Mean over real targets of ``-log softmax`` over the items 1.. minus the position's excluded ones, one
+  position at a time with the candidates listed explicitly (jnp, so that it can be differentiated)."""
+  total, count = 0.0, 0
+  for r, t in zip(*np.nonzero(targets), strict=True):
+    allowed = [v for v in range(1, logits.shape[-1]) if v not in set(exclude[r, t].tolist())]
+    row = logits[r, t, jnp.asarray(allowed)]
+    total = total - (logits[r, t, targets[r, t]] - jax.nn.logsumexp(row))
+    count += 1
+  return total / count
+
+
+def test_full_softmax_ce_with_exclusions_matches_a_hand_computation():
+  logits = jnp.asarray(np.random.default_rng(3).normal(size=(2, 3, 7)), jnp.float32)
+  targets, exclude = jnp.asarray(EXCLUDE_TARGETS), jnp.asarray(EXCLUDE)
+  got, got_grad = jax.value_and_grad(losses.full_softmax_ce)(logits, targets, exclude)
+  want, want_grad = jax.value_and_grad(_excluded_ce_by_hand)(logits, EXCLUDE_TARGETS, EXCLUDE)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-7)
+  # Excluded items get no gradient at their position, and the exclusions changed the loss.
+  for r, t, e in zip(*np.nonzero(EXCLUDE), strict=True):
+    assert got_grad[r, t, EXCLUDE[r, t, e]] == 0
+  assert abs(float(losses.full_softmax_ce(logits, targets)) - float(got)) > 1e-3
+
+
+def test_sharded_ce_with_exclusions_equals_one_device():
+  """The vocabulary-sharded loss masks each shard's own excluded ids: equal to the one-device loss, value and
+  gradients, on 1x4 and 2x2 meshes (a 16-row table: ids 13..15 are vocabulary padding)."""
+  from recgpt_jax.parallel import vocab
+
+  rng = np.random.default_rng(4)
+  hidden = jnp.asarray(rng.normal(size=(4, 5, 8)), jnp.float32)
+  table = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 13, size=(4, 5)))
+  exclude = rng.integers(0, 13, size=(4, 5, 3))
+  exclude = jnp.asarray(np.where(exclude == np.asarray(targets)[..., None], 0, exclude))
+
+  def full(hidden, table):
+    logits = jnp.where(jnp.arange(16) >= 13, jnp.finfo(jnp.float32).min, hidden @ table.T)
+    return losses.full_softmax_ce(logits, targets, exclude)
+
+  want, want_grads = jax.value_and_grad(full, argnums=(0, 1))(hidden, table)
+  for data, model in ((1, 4), (2, 2)):
+    mesh = jax.make_mesh(
+      (data, model), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=jax.devices()[:4]
+    )
+
+    def sharded(hidden, table, mesh=mesh):
+      return vocab.sharded_softmax_ce(hidden, table, targets, mesh=mesh, num_valid=13, exclude_rle=exclude)
+
+    got, got_grads = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1)))(hidden, table)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for g, w in zip(got_grads, want_grads, strict=True):
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+
+
 def test_bce_matches_numpy():
   rng = np.random.default_rng(1)
   h = rng.normal(size=(1, 3, 4)).astype(np.float32)
@@ -44,6 +105,25 @@ def test_sampled_softmax_masks_accidental_hits():
   l0 = -(s(0, 2) - np.log(np.exp([s(0, 2), s(0, 3), s(0, 4)]).sum()))  # negative 2 == target: masked
   l1 = -(s(1, 5) - np.log(np.exp([s(1, 5), s(1, 2), s(1, 3), s(1, 4)]).sum()))
   np.testing.assert_allclose(got, (l0 + l1) / 2, rtol=1e-5)
+
+
+def test_sampled_losses_drop_excluded_negatives():
+  rng = np.random.default_rng(5)
+  h = rng.normal(size=(1, 2, 4)).astype(np.float32)
+  table = rng.normal(size=(7, 4)).astype(np.float32)
+  targets, shared = np.array([[2, 5]]), np.array([3, 4, 6])
+  exclude = np.array([[[4, 0], [0, 0]]])  # position 0 excludes negative 4; position 1 nothing
+  s = lambda t, i: h[0, t] @ table[i]  # noqa: E731
+  got = float(losses.sampled_softmax(*map(jnp.asarray, (h, table, targets, shared, exclude))))
+  l0 = -(s(0, 2) - np.log(np.exp([s(0, 2), s(0, 3), s(0, 6)]).sum()))
+  l1 = -(s(1, 5) - np.log(np.exp([s(1, 5), s(1, 3), s(1, 4), s(1, 6)]).sum()))
+  np.testing.assert_allclose(got, (l0 + l1) / 2, rtol=1e-5)
+  # BCE: the negative term of a position whose negative is excluded there is dropped.
+  negs = np.array([[4, 4]])
+  got = float(losses.bce_loss(*map(jnp.asarray, (h, table, targets, negs, exclude))))
+  sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+  per = [-np.log(sig(s(0, 2))), -np.log(sig(s(1, 5))) - np.log(1 - sig(s(1, 4)))]
+  np.testing.assert_allclose(got, np.mean(per), rtol=1e-5)
 
 
 def test_negatives_avoid_users_items():

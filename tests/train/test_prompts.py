@@ -172,10 +172,80 @@ def test_picks_from_hidden_states_equal_picks_from_full_scores(monkeypatch, mode
   hidden = model(*(jb[k] for k in ("items", "positions", "segments", "seq_ids", "users")))
   want = np.asarray(prompts.pick_prompt_items(model.logits(hidden), jb, mode, width))
   candidates = prompts.top_candidates(model.logits(hidden))
+  column_scores = lambda hidden_rd, _: model.logits(hidden_rd)  # noqa: E731
   got = np.asarray(
-    jax.jit(prompts.pick_from_candidates, static_argnums=(2, 3, 5))(candidates, jb, mode, width, hidden, model.logits)
+    jax.jit(prompts.pick_from_candidates, static_argnums=(2, 3, 5))(candidates, jb, mode, width, hidden, column_scores)
   )
   np.testing.assert_array_equal(got, want)
   real = np.asarray(jb["seq_ids"]) > 0
   outside = ~np.any(got[..., :, None] == np.asarray(candidates)[..., None, :], axis=-1)
   assert outside[real].any()
+
+
+def _aligned(batch, mode, width, boost=None):
+  """Aligned targets and exclusions with the scores of ``_generate`` (item ``boost`` scored above all)."""
+  scores = jnp.broadcast_to(jnp.arange(NUM_ITEMS + 1, dtype=jnp.float32), (*batch["items"].shape, NUM_ITEMS + 1))
+  if boost is not None:
+    scores = scores.at[..., boost].set(100.0)
+  jb = {k: jnp.asarray(v) for k, v in batch.items()}
+  picks = prompts.pick_prompt_items(scores, jb, mode, width)
+  targets, exclude = prompts.aligned_targets(picks, jb, prompts.feedback(jb))
+  return prompts.fill_prompts(picks, jb), targets, exclude
+
+
+# (mode, width, max_len, boosted item) -> per user: (prompted items, aligned targets, exclusions per position).
+# A slot's target is the real target of the column that generated it (the feedback); it excludes the items
+# of its prompt group shown so far; a group holding the feedback (a right guess) leaves the slot no loss.
+ALIGNED_CASES = {
+  # User 1: slot (generated from [10, 8]) shows 9, the user then clicked 3. User 2: shows 10, clicked 7.
+  ("last", 1, 12, None): {
+    1: ([10, 8, 9], [8, 3, 3], [[0], [0], [9]]),
+    2: ([9, 10], [7, 7], [[0], [10]]),
+  },
+  # Two slots, each generated from its own true prefix: [10] -> 9 (clicked 8), [10, 8] -> 8 (clicked 3).
+  ("last", 2, 12, None): {
+    1: ([10, 9, 8], [8, 8, 3], [[0], [9], [8]]),
+    2: ([9, 10], [7, 7], [[0], [10]]),
+  },
+  ("interleave", 1, 12, None): {
+    1: ([10, 9, 8, 7, 3], [8, 8, 3, 3, 4], [[0], [9], [0], [7], [0]]),
+    2: ([9, 10, 7], [7, 7, 6], [[0], [10], [0]]),
+  },
+  # After 10 the model shows 9 then 8, and the user clicked 8: the second slot (which excludes 9 and 8)
+  # guessed right, so it has no target.
+  ("interleave", 2, 12, None): {
+    1: ([10, 9, 8, 8, 7, 6, 3], [8, 8, 0, 3, 3, 3, 4], [[0, 0], [9, 0], [9, 8], [0, 0], [7, 0], [7, 6], [0, 0]]),
+    2: ([9, 10, 8, 7], [7, 7, 7, 6], [[0, 0], [10, 0], [10, 8], [0, 0]]),
+  },
+  # Cut to 5 positions: user 1 starts with the second slot after 10 (showing 8); the first one (9) is out
+  # of the view but still excluded there.
+  ("interleave", 2, 5, None): {
+    1: ([8, 8, 7, 6, 3], [0, 3, 3, 3, 4], [[9, 8], [0, 0], [7, 0], [7, 6], [0, 0]]),
+    2: ([9, 10, 8, 7], [7, 7, 7, 6], [[0, 0], [10, 0], [10, 8], [0, 0]]),
+  },
+  ("interleave", 1, 4, None): {
+    1: ([9, 8, 7, 3], [8, 3, 3, 4], [[9], [0], [7], [0]]),
+    2: ([9, 10, 7], [7, 7, 6], [[0], [10], [0]]),
+  },
+  # Item 7 scores highest: user 2's first prompt after 9 is 7, what the user then clicked, so neither slot
+  # of that group has a target. User 1 is shown 7 and 9 after 10 (clicked 8), then 6 and 5 (clicked 3).
+  ("interleave", 2, 12, 7): {
+    1: ([10, 7, 9, 8, 6, 5, 3], [8, 8, 8, 3, 3, 3, 4], [[0, 0], [7, 0], [7, 9], [0, 0], [6, 0], [6, 5], [0, 0]]),
+    2: ([9, 7, 10, 7], [7, 0, 0, 6], [[0, 0], [7, 0], [7, 10], [0, 0]]),
+  },
+}
+
+
+@pytest.mark.parametrize(("mode", "width", "max_len", "boost"), list(ALIGNED_CASES))
+def test_aligned_targets_by_hand(mode, width, max_len, boost):
+  batch = _batch(mode, width, max_len)
+  items, targets, exclude = (np.asarray(x) for x in _aligned(batch, mode, width, boost))
+  assert exclude.shape == (*targets.shape, width if mode == "interleave" else 1)
+  for user, (want_items, want_targets, want_exclude) in ALIGNED_CASES[(mode, width, max_len, boost)].items():
+    sel = (batch["users"][0] == user) & (batch["p_seq_ids"][0] > 0)
+    assert items[0][sel].tolist() == want_items, user
+    assert targets[0][sel].tolist() == want_targets, user
+    assert exclude[0][sel].tolist() == want_exclude, user
+  # Everything outside the users' prompted views excludes nothing and has no target.
+  outside = batch["p_seq_ids"] == 0
+  assert (targets[outside] == 0).all() and (exclude[outside] == 0).all()

@@ -11,38 +11,151 @@ from recgpt_jax.model.transformer import ModelConfig, RecGPT
 from recgpt_jax.train import optim
 from recgpt_jax.train import step as step_lib
 
+NUM_ITEMS = 80
 
-def _setup(mode, width):
+
+def _setup(mode, width, dropout=0.0, **model_kwargs):
   rng = np.random.default_rng(0)
-  seqs = [rng.choice(np.arange(1, 81), size=rng.integers(5, 15), replace=False) for _ in range(30)]
+  seqs = [rng.choice(np.arange(1, NUM_ITEMS + 1), size=rng.integers(5, 15), replace=False) for _ in range(30)]
   source = tfds_builder.InMemorySource(np.arange(1, 31), seqs)
   ti = pipeline.TrainInput(
     source, max_len=12, row_len=24, rows_per_batch=4, seed=0, prompt_mode=mode, prompt_width=width
   )
   batch = next(iter(ti.epoch_iterator(0)))
-  cfg = ModelConfig(num_items=80, num_users=30, max_len=24, hidden=16, num_layers=1, num_heads=2, ffn=32)
+  cfg = ModelConfig(
+    num_items=NUM_ITEMS,
+    num_users=30,
+    max_len=24,
+    hidden=16,
+    num_layers=1,
+    num_heads=2,
+    ffn=32,
+    hidden_dropout=dropout,
+    **model_kwargs,
+  )
   opt = base_config().optimizer
   tx = optim.make_optimizer(opt, 10)
   graphdef, state = step_lib.init_state(RecGPT(cfg, rngs=nnx.Rngs(0)), tx, 0)
   return graphdef, tx, state, batch
 
 
-@pytest.mark.parametrize(("mode", "width"), [("last", 1), ("interleave", 2)])
-def test_prompt_step_equals_plain_step_on_pregenerated_prompts(mode, width):
-  graphdef, tx, state, batch = _setup(mode, width)
+def _gen_key(state):
+  """The key a prompt-tuning step generates with: its step key folded with GEN_KEY_SALT."""
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  return jax.random.fold_in(key, step_lib.GEN_KEY_SALT)
+
+
+COUNTS = np.r_[0, np.arange(1, NUM_ITEMS + 1) % 7]  # some items never drawn by 'popularity'
+
+# (mode, width, PromptConfig overrides)
+STEP_CASES = [
+  ("last", 1, {}),
+  ("interleave", 2, {}),
+  ("last", 1, {"source": "sample", "temperature": 0.5, "gen_dropout": True}),
+  ("interleave", 2, {"source": "popularity", "aligned": True}),
+  ("last", 2, {"source": "uniform", "aligned": True, "hard_negative_weight": 0.5}),
+]
+
+
+@pytest.mark.parametrize(("mode", "width", "overrides"), STEP_CASES)
+def test_prompt_step_equals_plain_step_on_pregenerated_prompts(mode, width, overrides):
+  """Prompts generated outside the step from the same (current) parameters and the step's generation key,
+  then a plain step on them (which draws the same dropout as a pre-training step), give the same update."""
+  graphdef, tx, state, batch = _setup(mode, width, dropout=0.2)
   loss_cfg = step_lib.LossConfig(kind="ce")
-  prompt_cfg = step_lib.PromptConfig(mode=mode, width=width)
-  # Prompts generated outside the step from the same (current) parameters, then a plain step on them.
-  prompted = step_lib.prompted_batch(nnx.merge(graphdef, state.params), batch, prompt_cfg)
+  prompt_cfg = step_lib.PromptConfig(mode=mode, width=width, **overrides)
+  prompted = step_lib.prompted_batch(
+    nnx.merge(graphdef, state.params), batch, prompt_cfg, key=_gen_key(state), item_counts=COUNTS
+  )
   plain = jax.jit(step_lib.make_train_step(graphdef, tx, loss_cfg))
-  inside = jax.jit(step_lib.make_train_step(graphdef, tx, loss_cfg, prompt_cfg))
+  inside = jax.jit(step_lib.make_train_step(graphdef, tx, loss_cfg, prompt_cfg, item_counts=COUNTS))
   state_a, metrics_a = plain(state, prompted)
   state_b, metrics_b = inside(state, batch)
   # Equal updates mean the step generated from the current parameters and no gradient flowed through
   # generation (a gradient through the prompt scores would change the update).
-  np.testing.assert_allclose(float(metrics_a["loss"]), float(metrics_b["loss"]), rtol=1e-6)
+  loss_a = float(metrics_a["loss"]) + prompt_cfg.hard_negative_weight * float(metrics_b.get("hard_negative_loss", 0))
+  np.testing.assert_allclose(loss_a, float(metrics_b["loss"]), rtol=1e-6)
+  if not prompt_cfg.hard_negative_weight:
+    for a, b in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_b.params), strict=True):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def _ce_by_hand(logits, targets, exclude):
+  """Mean over real targets of ``-log softmax`` over items 1.. minus the position's excluded items (NumPy)."""
+  per = []
+  for r, t in zip(*np.nonzero(targets), strict=True):
+    allowed = np.setdiff1d(np.arange(1, logits.shape[-1]), exclude[r, t])
+    assert targets[r, t] in allowed
+    row = logits[r, t, allowed].astype(np.float64)
+    per.append(np.log(np.exp(row - row.max()).sum()) + row.max() - logits[r, t, targets[r, t]])
+  return np.mean(per)
+
+
+@pytest.mark.parametrize(("mode", "width"), [("last", 1), ("interleave", 2)])
+@pytest.mark.parametrize("mesh_shape", [None, (2, 2)])
+def test_aligned_step_loss_equals_hand_assembled_loss(mode, width, mesh_shape):
+  """The aligned step trains slots on their feedback with the shown items out of the softmax: its loss is
+  the hand-computed CE over the aligned targets and exclusions, on one device and with the vocabulary split
+  over a 2x2 mesh (84 table rows)."""
+  graphdef, tx, state, batch = _setup(mode, width, vocab_multiple=4)
+  prompt_cfg = step_lib.PromptConfig(mode=mode, width=width, aligned=True)
+  model = nnx.merge(graphdef, state.params)
+  prompted = step_lib.prompted_batch(model, batch, prompt_cfg)
+  slot = np.asarray(batch["gen_col"]) >= 0
+  targets, exclude = np.asarray(prompted["targets"]), np.asarray(prompted["exclude"])
+  assert (targets[slot] > 0).any() and (exclude[slot][:, 0] > 0).all() and (exclude[~slot] == 0).all()
+  np.testing.assert_array_equal(targets[~slot], batch["p_targets"][~slot])  # real positions keep theirs
+  logits = np.asarray(model.logits(model(*(prompted[k] for k in step_lib.MODEL_INPUTS))))
+  want = _ce_by_hand(logits[..., : NUM_ITEMS + 1], targets, exclude)
+  mesh = None
+  if mesh_shape is not None:
+    axis_types = (jax.sharding.AxisType.Auto,) * 2
+    mesh = jax.make_mesh(mesh_shape, ("data", "model"), axis_types=axis_types, devices=jax.devices()[:4])
+  train_step = jax.jit(step_lib.make_train_step(graphdef, tx, step_lib.LossConfig(kind="ce"), prompt_cfg, mesh))
+  _, metrics = train_step(state, batch)
+  np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-5)
+  assert int(metrics["tokens"]) == (targets > 0).sum()
+
+
+@pytest.mark.parametrize("kind", ["bce", "sampled_softmax"])
+def test_aligned_row_sparse_step_equals_dense_step(kind):
+  """Under a sampled loss the item table is updated by row and the batch's ids renumbered: the exclusions
+  and the slots' feedback (hard-negative term) must be renumbered with them."""
+  graphdef, tx, state, batch = _setup("interleave", 2)
+  loss_cfg = step_lib.LossConfig(kind=kind, num_negatives=16)
+  prompt_cfg = step_lib.PromptConfig(mode="interleave", width=2, aligned=True, hard_negative_weight=0.5)
+  adam = optim.adam_spec(base_config().optimizer, 10)
+  sparse = jax.jit(step_lib.make_train_step(graphdef, tx, loss_cfg, prompt_cfg, adam=adam))
+  dense = jax.jit(step_lib.make_train_step(graphdef, tx, loss_cfg, prompt_cfg))
+  (state_a, metrics_a), (state_b, metrics_b) = sparse(state, batch), dense(state, batch)
+  for key in metrics_b:
+    np.testing.assert_allclose(float(metrics_a[key]), float(metrics_b[key]), rtol=1e-5, err_msg=key)
   for a, b in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_b.params), strict=True):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_hard_negative_pairs_stay_within_a_user():
+  """Interleaved windows cut by max_len can start with a slot; its showing position would be the previous
+  user's last token in the packed row. Only slots whose showing token is their own user's count."""
+  graphdef, _, state, batch = _setup("interleave", 2)
+  model = nnx.merge(graphdef, state.params)
+  prompted = step_lib.prompted_batch(model, batch, step_lib.PromptConfig(mode="interleave", width=2))
+  hidden = jax.random.normal(jax.random.key(0), (*batch["items"].shape, 16))
+  got = float(step_lib.hard_negative_loss(model, hidden, prompted))
+  h, table = np.asarray(hidden, np.float64), np.asarray(model.item_table(), np.float64)
+  items, targets = np.asarray(prompted["items"]), np.asarray(prompted["targets"])
+  terms, cut = [], 0
+  for r, c in zip(*np.nonzero(batch["gen_col"] >= 0), strict=True):
+    at = c - 1 - batch["gen_rank"][r, c]
+    if batch["p_positions"][r, c] - 1 - batch["gen_rank"][r, c] < 0:  # the showing token was cut off
+      cut += 1
+      continue
+    assert batch["p_seq_ids"][r, at] == batch["p_seq_ids"][r, c] and batch["p_segments"][r, at] == 0
+    shown, clicked = items[r, c], targets[r, at]
+    if clicked > 0 and shown != clicked:
+      terms.append(np.logaddexp(0.0, h[r, at] @ (table[shown] - table[clicked])))
+  assert cut > 0 and terms
+  np.testing.assert_allclose(got, np.mean(terms), rtol=1e-5)
 
 
 def test_hard_negative_term_changes_the_update():
