@@ -1,29 +1,51 @@
 """The RecGPT study: datasets x recipes x seeds, resumable, with one report.
 
-  python -m experiments.study tune [--datasets=Beauty,...]   # the baseline sweep on valid (seed 0)
+  python -m experiments.study tune   [--datasets=...]                      # baseline sweep on valid (seed 0)
+  python -m experiments.study grid   [--datasets=...] [--recipes=...] [--seeds=0,1,2]
+  python -m experiments.study recall [--datasets=...] [--recipes=...] [--seeds=...]  # recall settings, ranks
+  python -m experiments.study report                                       # tune.md, report.md/.json/.png
 
 Every run is one ``python -m recgpt_jax.main`` process with its own workdir under ``--runs`` and its results
-JSON under ``--results``; a run whose results JSON exists is skipped, and an interrupted run resumes from its
-checkpoint, so the same command continues a study across sessions.
+JSON (plus per-user test metrics) under ``--results``. A run whose results JSON exists is skipped and an
+interrupted run resumes from its checkpoint, so the same command continues a study across sessions. The
+report is regenerated from the results files alone.
+
+Recipes (every one starts from the dataset's tuned baseline, experiments/configs/study.py):
+
+* ``ce``: the pre-train-only model: full-softmax cross-entropy pre-training.
+* ``ce_finetune``: the no-prompt control: fine-tuning ``ce`` with the prompt-tuning schedule, no prompts.
+* ``recgpt``: RecGPT as in the paper: prompt-tuning ``ce`` (top-1 prompts replacing the last input),
+  two-step recall (18, 2).
+* ``aligned``: beyond the paper: prompt-tuning ``ce`` with aligned prompting (the position of a shown prompt
+  learns the item the user did next, the shown item excluded), two-step recall (18, 2).
+* ``authors_bce``: the authors' pre-training regime: BCE with one negative, hidden 256, 1 layer, flow
+  attention, user module, dropout 0.1 on residuals, 30 epochs.
+* ``authors_finetune`` / ``authors_recgpt``: the authors' second stage from ``authors_bce``: full-softmax CE on
+  an untied head (evaluation with the tied table), without / with prompts (generated with dropout on, from
+  the untied head), the latter with two-step recall (18, 2).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 import subprocess
 import sys
 import time
 
+import numpy as np
 from absl import app, flags
 
 from experiments.configs import study as study_config
 from recgpt_jax import errors
+from recgpt_jax.config import base_config
 from recgpt_jax.errors import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "experiments/configs/study.py"
+PER_USER_SUFFIX = ".test_per_user.npz"  # recgpt_jax.train.loop.PER_USER_FILE beside <name>.json
 
 # The baseline sweep: one factor at a time from the base (experiments/configs/study.py), seed 0, selected on
 # valid NDCG@10. Patience 5 instead of the study's 10 keeps it affordable on 2 CPU cores.
@@ -37,30 +59,123 @@ SWEEP: dict[str, dict] = {
 }
 SWEEP_SETTINGS = {"train.patience": 5}
 
+# The second stage's schedule, shared by the control and the prompt-tuning recipes (the reference's rate).
+_TUNE = {"optimizer.learning_rate": 5e-4, "train.num_epochs": 40, "train.patience": 5}
+_TWO_STEP = {"recall.quotas": (18, 2)}
+_PROMPTS = {"prompt.mode": "last", "prompt.width": 1, "prompt.source": "top", "prompt.head": "tied"}
+# The reference configuration (../shared/docs/recgpt-reference.md). Our model has one hidden dropout rate, so
+# the authors' 0.1 on residuals also applies to the input embeddings.
+_AUTHORS_MODEL = {
+  "max_len": 50,
+  "train.row_len": 64,
+  "train.rows_per_batch": 32,
+  "model.hidden": 256,
+  "model.num_layers": 1,
+  "model.num_heads": 2,
+  "model.ffn": 512,
+  "model.attention": "flow",
+  "model.user_module": True,
+  "model.attn_dropout": 0.0,
+  "model.hidden_dropout": 0.1,
+}
+_AUTHORS_TUNE = {
+  **_AUTHORS_MODEL,
+  **_TUNE,
+  "train.loss": "ce",
+  "model.untied_head": True,
+  "train.head": "untied",
+  "eval.head": "tied",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """A training stage with its overrides, optionally continuing another recipe's model (``parent``)."""
+
+  stage: str
+  overrides: dict
+  parent: str | None = None
+  label: str = ""
+
+
+RECIPES: dict[str, Recipe] = {
+  "ce": Recipe("pretrain", {}, label="CE pre-train"),
+  "ce_finetune": Recipe("finetune", _TUNE, "ce", "CE fine-tune (no prompts)"),
+  "recgpt": Recipe("prompt_tune", {**_TUNE, **_PROMPTS, **_TWO_STEP}, "ce", "RecGPT (paper)"),
+  "aligned": Recipe("prompt_tune", {**_TUNE, **_PROMPTS, **_TWO_STEP, "prompt.aligned": True}, "ce", "aligned prompts"),
+  "authors_bce": Recipe(
+    "pretrain",
+    {**_AUTHORS_MODEL, "train.loss": "bce", "train.num_epochs": 30, "train.patience": 0},
+    label="authors: BCE pre-train",
+  ),
+  "authors_finetune": Recipe("finetune", _AUTHORS_TUNE, "authors_bce", "authors: CE fine-tune"),
+  "authors_recgpt": Recipe(
+    "prompt_tune",
+    {**_AUTHORS_TUNE, **_PROMPTS, **_TWO_STEP, "prompt.head": "untied", "prompt.gen_dropout": True},
+    "authors_bce",
+    "authors: RecGPT",
+  ),
+}
+BASELINES = ("ce", "ce_finetune")  # every recipe is compared with these (paired, per user)
+PAIR_METRICS = ("NDCG@10", "HR@20")
+REPORT_METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")
+# Best published full-ranking test HR@10 / NDCG@10 on these files (../shared/docs/recgpt-reference.md).
+PUBLISHED = {
+  "Beauty": (0.1041, 0.0614),
+  "Sports_and_Outdoors": (0.0635, 0.0367),
+  "Toys_and_Games": (0.1055, 0.0657),
+  "Yelp": (0.0474, 0.0245),
+}
+
 _DATASETS = flags.DEFINE_list("datasets", list(study_config.DATASETS), "Datasets of the study.")
+_RECIPES = flags.DEFINE_list("recipes", list(RECIPES), "grid: recipes to run (their parents are added).")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "grid: seeds.")
 _RUNS = flags.DEFINE_string("runs", "runs/study", "Where run workdirs go.")
 _RESULTS = flags.DEFINE_string("results", "experiments/results/study", "Where per-run JSON and the report go.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands of the runs still to do; run nothing.")
+_BOOTSTRAP = flags.DEFINE_integer("bootstrap", 2000, "report: bootstrap replicates of each paired comparison.")
 
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
   """One training run: a stage of ``recgpt_jax.main`` with a config and overrides."""
 
-  name: str  # unique within the study: the results file name
+  name: str  # unique within its group: the results file name
   dataset: str
   stage: str
   overrides: tuple[tuple[str, object], ...]
   group: str  # results sub-folder
+  runs: pathlib.Path  # root of the workdirs
+  results: pathlib.Path  # root of the results
 
   def workdir(self) -> pathlib.Path:
-    return pathlib.Path(_RUNS.value) / self.group / self.name
+    return self.runs / self.group / self.name
 
   def result(self) -> pathlib.Path:
-    return pathlib.Path(_RESULTS.value) / self.group / f"{self.name}.json"
+    return self.results / self.group / f"{self.name}.json"
+
+  def expected_config(self) -> dict:
+    """The training-relevant config this run records (its results JSON's ``recipe.config``)."""
+    c = study_config.get_config(self.dataset)
+    for k, v in self.overrides:
+      study_config.set_field(c, k, v)
+    return _training_fields(json.loads(c.to_json()))
+
+  def finished(self) -> bool:
+    """True when the results JSON exists; UserError when it was made with another config (stale)."""
+    if not self.result().exists():
+      return False
+    # Fields added to the schema after a run was made read as their defaults.
+    defaults = json.loads(base_config().to_json())
+    recorded = _training_fields(_merged(defaults, json.loads(self.result().read_text())["recipe"]["config"]))
+    if recorded != self.expected_config():
+      differ = sorted(_diff(recorded, self.expected_config()))
+      raise UserError(
+        f"{self.result()} was made with another config ({', '.join(differ[:3])}); move it away to rerun it"
+      )
+    return True
 
   def command(self) -> list[str]:
-    flags_ = [f"--config.{k}={_flag_value(v)}" for k, v in self.overrides]
     return [
       sys.executable,
       "-m",
@@ -70,8 +185,33 @@ class RunSpec:
       f"--workdir={self.workdir()}",
       f"--config.name={self.name}",
       f"--config.results_dir={self.result().parent}",
-      *flags_,
+      *(f"--config.{k}={_flag_value(v)}" for k, v in self.overrides),
     ]
+
+
+# Config fields that name outputs, not what is trained.
+_OUTPUT_FIELDS = ("name", "results_dir", "tfds_data_dir", "init_from")
+
+
+def _training_fields(config: dict) -> dict:
+  return {k: v for k, v in config.items() if k not in _OUTPUT_FIELDS}
+
+
+def _merged(defaults: dict, values: dict) -> dict:
+  out = dict(defaults)
+  for k, v in values.items():
+    out[k] = _merged(defaults[k], v) if isinstance(v, dict) and isinstance(defaults.get(k), dict) else v
+  return out
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+  out = []
+  for k in sorted(set(a) | set(b)):
+    if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+      out += _diff(a[k], b[k], f"{prefix}{k}.")
+    elif a.get(k) != b.get(k):
+      out.append(f"{prefix}{k}: {a.get(k)!r} != {b.get(k)!r}")
+  return out
 
 
 def _flag_value(v) -> str:
@@ -80,50 +220,452 @@ def _flag_value(v) -> str:
   return str(v)
 
 
-def tune_runs(datasets) -> list[RunSpec]:
+def tune_runs(datasets, runs_root: pathlib.Path, results_root: pathlib.Path) -> list[RunSpec]:
   """The sweep, point by point across datasets (every dataset gets its base first)."""
   runs = []
   for point, overrides in SWEEP.items():
     for ds in datasets:
       settings = {**SWEEP_SETTINGS, **overrides, "seed": 0}
-      runs.append(RunSpec(f"{ds}__{point}", ds, "pretrain", tuple(settings.items()), "tune"))
+      spec = RunSpec(f"{ds}__{point}", ds, "pretrain", tuple(settings.items()), "tune", runs_root, results_root)
+      runs.append(spec)
   return runs
 
 
-def execute(runs: list[RunSpec]) -> None:
+def grid_name(dataset: str, recipe: str, seed: int) -> str:
+  return f"{dataset}__{recipe}__s{seed}"
+
+
+def grid_runs(datasets, recipes, seeds, runs_root: pathlib.Path, results_root: pathlib.Path) -> list[RunSpec]:
+  """Seed by seed, dataset by dataset; each recipe after the recipe it continues."""
+  wanted = list(dict.fromkeys(p for r in recipes for p in (RECIPES[r].parent, r) if p))
+  runs = []
+  for seed in seeds:
+    for ds in datasets:
+      for name in wanted:
+        recipe = RECIPES[name]
+        settings = {**recipe.overrides, "seed": seed}
+        if recipe.parent:
+          settings["init_from"] = str(runs_root / "grid" / grid_name(ds, recipe.parent, seed))
+        spec = RunSpec(
+          grid_name(ds, name, seed), ds, recipe.stage, tuple(settings.items()), "grid", runs_root, results_root
+        )
+        runs.append(spec)
+  return runs
+
+
+def execute(runs: list[RunSpec], dry_run: bool = False) -> None:
   """Runs what is not finished, in order; a failed run is reported and the next one starts."""
-  todo = [r for r in runs if not r.result().exists()]
+  todo = [r for r in runs if not r.finished()]
   print(f"{len(runs) - len(todo)} of {len(runs)} runs finished; {len(todo)} to do", flush=True)
   failed = []
   for i, r in enumerate(todo):
     cmd = r.command()
-    if _DRY_RUN.value:
-      print(" ".join(cmd))
+    if dry_run:
+      print(" ".join(cmd[1:]))
       continue
-    log = pathlib.Path(_RUNS.value) / "logs" / f"{r.group}__{r.name}.log"
+    log = r.runs / "logs" / f"{r.group}__{r.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     print(f"[{i + 1}/{len(todo)}] {r.name} ({r.stage}) -> {log}", flush=True)
     with open(log, "a") as f:
       f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
       f.flush()
-      env = {**os.environ, "RECGPT_COMMAND": " ".join(cmd[1:])}
+      env = {**os.environ, "RECGPT_COMMAND": " ".join(["python", *cmd[1:]])}
       rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-    status = "done" if rc == 0 and r.result().exists() else f"FAILED (exit {rc}; see {log})"
-    if rc != 0:
+    if rc != 0 or not r.result().exists():
       failed.append(r.name)
-    print(f"    {status} in {time.time() - t0:.0f} s", flush=True)
+      print(f"    FAILED (exit {rc}; see {log})", flush=True)
+    else:
+      print(f"    done in {time.time() - t0:.0f} s", flush=True)
   if failed:
     raise UserError(f"{len(failed)} runs failed: {', '.join(failed)}")
 
 
+# ----------------------------------------------------------------------------------------------------- recall
+
+# Recall settings scored on every prompt-tuned model (and the models they start from): plain top-20, the paper's
+# two steps, larger second steps, and three steps.
+RECALL_QUOTAS = ((20,), (18, 2), (14, 6), (10, 10), (14, 3, 3))
+RECALL_RECIPES = ("ce", "ce_finetune", "recgpt", "aligned", "authors_finetune", "authors_recgpt")
+RANK_BUCKETS = ((1, 10), (11, 20), (21, 40))  # ranks of the test answer in the plain list
+
+
+def recall_analysis(spec: RunSpec) -> tuple[dict, dict[str, np.ndarray]]:
+  """Scores one finished run's best model under every ``RECALL_QUOTAS`` setting, and locates its test answers
+  in its plain ranking.
+
+  Returns:
+    ``(record, per_user)``: valid/test means per quota setting and the fractions of test answers at each
+    ``RANK_BUCKETS`` rank of the plain list; ``per_user`` holds ``users`` and ``<quotas>/<metric>`` test arrays.
+  """
+  import jax
+
+  from recgpt_jax.eval import metrics as metrics_lib
+  from recgpt_jax.recall import decoder
+  from recgpt_jax.train import loop
+
+  c = study_config.get_config(spec.dataset)
+  for k, v in spec.overrides:
+    study_config.set_field(c, k, v)
+  c.init_from = ""  # only the run's own model is read
+  run = loop.Run(c, spec.workdir())
+  params, _ = run.ckpt.restore_best(run.state.params)
+  record = {"name": spec.name, "quotas": {}}
+  per_user = {"users": run.eval_sets["test"].users}
+  for quotas in RECALL_QUOTAS:
+    ks = tuple(k for k in metrics_lib.KS if k <= sum(quotas))
+    recall_fn = decoder.make_recall_fn(run.graphdef, quotas, run.head) if len(quotas) > 1 else None
+    step = metrics_lib.make_eval_step(run.graphdef, ks, run.head, recall_fn, per_user=True)
+    entry = {}
+    for split_name in ("valid", "test"):
+      values = metrics_lib.evaluate_per_user(step, params, run.eval_batches[split_name])
+      entry[split_name] = {m: float(np.mean(values[m], dtype=np.float64)) for m in values if m != "answer"}
+      if split_name == "test":
+        per_user |= {f"{_quota_key(quotas)}/{m}": values[m] for m in PAIR_METRICS}
+    record["quotas"][_quota_key(quotas)] = entry
+  plain = decoder.make_recall_fn(run.graphdef, (RANK_BUCKETS[-1][1],), run.head)
+  ranks = []
+  for batch in run.eval_batches["test"]:
+    items = np.asarray(jax.device_get(plain(params, batch)["items"]))
+    real = batch["answer"] > 0
+    hit = items[real] == batch["answer"][real][:, None]
+    ranks.append(np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, 0))
+  ranks = np.concatenate(ranks)
+  record["test_answer_rank"] = {f"{lo}-{hi}": float(np.mean((ranks >= lo) & (ranks <= hi))) for lo, hi in RANK_BUCKETS}
+  record["test_answer_rank"][f">{RANK_BUCKETS[-1][1]}"] = float(np.mean(ranks == 0))
+  return record, per_user
+
+
+def _quota_key(quotas) -> str:
+  return "+".join(str(m) for m in quotas)
+
+
+def run_recall(runs: list[RunSpec], results_root: pathlib.Path) -> None:
+  """``recall_analysis`` of every finished run of ``RECALL_RECIPES`` that has none yet."""
+  out = results_root / "recall"
+  out.mkdir(parents=True, exist_ok=True)
+  todo = [r for r in runs if r.name.split("__")[1] in RECALL_RECIPES and r.finished()]
+  todo = [r for r in todo if not (out / f"{r.name}.json").exists()]
+  print(f"recall analysis of {len(todo)} runs", flush=True)
+  for r in todo:
+    t0 = time.time()
+    record, per_user = recall_analysis(r)
+    record |= {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "wall_time_s": round(time.time() - t0, 1)}
+    np.savez_compressed(out / f"{r.name}{PER_USER_SUFFIX}", **per_user)
+    (out / f"{r.name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    q = record["quotas"]
+    print(
+      f"{r.name}: test HR@20 "
+      + " ".join(f"{k} {v['test']['HR@20']:.4f}" for k, v in q.items())
+      + "; answers at plain ranks "
+      + " ".join(f"{k}: {v:.1%}" for k, v in record["test_answer_rank"].items()),
+      flush=True,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- report
+
+
+def _load(results_root: pathlib.Path, group: str) -> dict[str, dict]:
+  folder = results_root / group
+  return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} if folder.exists() else {}
+
+
+def tune_report(results_root: pathlib.Path) -> str:
+  """The sweep's table: every point tried, per dataset, with the one chosen on valid NDCG@10."""
+  runs = _load(results_root, "tune")
+  lines = ["# Baseline sweep (seed 0, selected on valid NDCG@10)", ""]
+  lines += [
+    "One factor at a time from the base (experiments/configs/study.py: hidden 64, 2 layers, 2 heads, FFN 256,",
+    "dropout 0.5, Adam 1e-3, max length 50, full-softmax CE, no user module), patience 5.",
+    "Command: `python -m experiments.study tune`; regenerate this file with `python -m experiments.study report`.",
+    "",
+    "| dataset | point | valid NDCG@10 | valid HR@10 | test HR@10 | test NDCG@10 | best epoch | wall s |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  for ds in study_config.DATASETS:
+    points = [(p, runs.get(f"{ds}__{p}")) for p in SWEEP]
+    done = [(p, r) for p, r in points if r]
+    best = max(done, key=lambda pr: pr[1]["valid"]["NDCG@10"])[0] if done else None
+    for p, r in points:
+      if r is None:
+        lines.append(f"| {ds} | {p} | (not run) | | | | | |")
+        continue
+      mark = " **(best)**" if p == best else ""
+      v, t = r["valid"], r["test"]
+      lines.append(
+        f"| {ds} | {p}{mark} | {v['NDCG@10']:.4f} | {v['HR@10']:.4f} | {t['HR@10']:.4f} | {t['NDCG@10']:.4f}"
+        f" | {r['epochs']} | {r['wall_time_s']:.0f} |"
+      )
+  machines = sorted({r["machine"] for r in runs.values()})
+  dates = sorted(r["date"] for r in runs.values())
+  if dates:
+    lines += ["", f"Runs from {dates[0]} to {dates[-1]} on {'; '.join(machines)}."]
+  return "\n".join(lines) + "\n"
+
+
+def paired_bootstrap(diff_su: np.ndarray, replicates: int, seed: int = 0) -> tuple[float, float, float]:
+  """Mean of per-user paired differences ``[seeds, users]`` and its 95% bootstrap interval.
+
+  Hierarchical: each replicate resamples the users and, independently, the seeds (both with replacement), so
+  the interval carries the spread between training seeds as well as the sampling of test users.
+  """
+  rng = np.random.default_rng(seed)
+  s, u = diff_su.shape
+  stats = np.empty(replicates)
+  for i in range(replicates):
+    users = rng.integers(0, u, u)
+    seeds = rng.integers(0, s, s)
+    stats[i] = diff_su[seeds][:, users].mean()
+  lo, hi = np.percentile(stats, [2.5, 97.5])
+  return float(diff_su.mean()), float(lo), float(hi)
+
+
+def _per_user(results_root: pathlib.Path, name: str) -> dict[str, np.ndarray] | None:
+  path = results_root / "grid" / f"{name}{PER_USER_SUFFIX}"
+  if not path.exists():
+    return None
+  with np.load(path) as f:
+    return {k: f[k] for k in f.files}
+
+
+def grid_summary(results_root: pathlib.Path, replicates: int) -> dict:
+  """Means and spreads per (dataset, recipe), and every recipe's paired comparison with the baselines."""
+  runs = _load(results_root, "grid")
+  summary = {"cells": {}, "pairs": {}, "seeds": {}}
+  for ds in study_config.DATASETS:
+    for recipe in RECIPES:
+      seeds = sorted(int(n.rsplit("__s", 1)[1]) for n in runs if n.startswith(f"{ds}__{recipe}__s"))
+      if not seeds:
+        continue
+      recs = [runs[grid_name(ds, recipe, s)] for s in seeds]
+      summary["cells"][f"{ds}/{recipe}"] = {
+        "seeds": seeds,
+        **{
+          m: {
+            "mean": float(np.mean([r["test"][m] for r in recs])),
+            "sd": float(np.std([r["test"][m] for r in recs], ddof=1)) if len(recs) > 1 else None,
+            "values": [r["test"][m] for r in recs],
+          }
+          for m in REPORT_METRICS
+          if m in recs[0]["test"]
+        },
+      }
+      for base in BASELINES:
+        if base == recipe:
+          continue
+        common = [s for s in seeds if grid_name(ds, base, s) in runs]
+        pu = [
+          (_per_user(results_root, grid_name(ds, recipe, s)), _per_user(results_root, grid_name(ds, base, s)))
+          for s in common
+        ]
+        pu = [(a, b) for a, b in pu if a is not None and b is not None]
+        if not pu:
+          continue
+        for a, b in pu:
+          if not np.array_equal(a["users"], b["users"]):
+            raise UserError(f"{ds}: {recipe} and {base} were tested on different users")
+        for m in PAIR_METRICS:
+          if m not in pu[0][0] or m not in pu[0][1]:
+            continue
+          diff = np.stack([a[m].astype(np.float64) - b[m].astype(np.float64) for a, b in pu])
+          mean, lo, hi = paired_bootstrap(diff, replicates)
+          verdict = "gain" if lo > 0 else ("loss" if hi < 0 else "no significant difference")
+          summary["pairs"][f"{ds}/{recipe}/vs_{base}/{m}"] = {
+            "seeds": len(pu),
+            "users": int(diff.shape[1]),
+            "mean_diff": mean,
+            "ci95": [lo, hi],
+            "per_seed": [float(d.mean()) for d in diff],
+            "verdict": verdict,
+          }
+  return summary
+
+
+def recall_summary(results_root: pathlib.Path, replicates: int) -> dict:
+  """Per (dataset, recipe): mean test metrics of each recall setting over seeds, each setting's paired
+  difference with the plain top-20 of the same models, and where the plain list ranks the test answers."""
+  folder = results_root / "recall"
+  records = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} if folder.exists() else {}
+  out = {}
+  for ds in study_config.DATASETS:
+    for recipe in RECIPES:
+      names = sorted(n for n in records if n.startswith(f"{ds}__{recipe}__s"))
+      if not names:
+        continue
+      recs = [records[n] for n in names]
+      per_user = []
+      for n in names:
+        with np.load(folder / f"{n}{PER_USER_SUFFIX}") as f:
+          per_user.append({k: f[k] for k in f.files})
+      cell = {"seeds": len(names), "quotas": {}, "test_answer_rank": {}}
+      for k in recs[0]["test_answer_rank"]:
+        cell["test_answer_rank"][k] = float(np.mean([r["test_answer_rank"][k] for r in recs]))
+      plain = _quota_key(RECALL_QUOTAS[0])
+      for q in recs[0]["quotas"]:
+        entry = {m: float(np.mean([r["quotas"][q]["test"][m] for r in recs])) for m in PAIR_METRICS}
+        if q != plain:
+          for m in PAIR_METRICS:
+            diff = np.stack([pu[f"{q}/{m}"].astype(np.float64) - pu[f"{plain}/{m}"] for pu in per_user])
+            mean, lo, hi = paired_bootstrap(diff, replicates)
+            entry[f"{m} vs {plain}"] = {"mean_diff": mean, "ci95": [lo, hi]}
+        cell["quotas"][q] = entry
+      out[f"{ds}/{recipe}"] = cell
+  return out
+
+
+def recall_report(recall: dict) -> list[str]:
+  if not recall:
+    return []
+  lines = [
+    "## Multi-interest recall settings",
+    "",
+    "Test HR@20 of each recipe's models under each recall setting (quotas m_1+...+m_S, K = 20), the paired",
+    "difference with the plain top-20 of the same models (95% hierarchical bootstrap interval), and where the",
+    "plain list ranks the test answers: answers at ranks 21-40 are the most a later step can bring into the",
+    "top 20 (command: `python -m experiments.study recall`).",
+    "",
+    "| dataset | recipe | seeds | "
+    + " | ".join(_quota_key(q) for q in RECALL_QUOTAS)
+    + " | answers at ranks "
+    + ", ".join(f"{lo}-{hi}" for lo, hi in RANK_BUCKETS)
+    + ", >40 |",
+    "|---|---|---|" + "---|" * (len(RECALL_QUOTAS) + 1),
+  ]
+  for key, cell in recall.items():
+    ds, recipe = key.split("/")
+    vals = []
+    for q in RECALL_QUOTAS:
+      e = cell["quotas"].get(_quota_key(q))
+      if e is None:
+        vals.append("")
+        continue
+      d = e.get(f"HR@20 vs {_quota_key(RECALL_QUOTAS[0])}")
+      vals.append(
+        f"{e['HR@20']:.4f}"
+        + ("" if d is None else f" ({d['mean_diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}])")
+      )
+    ranks = ", ".join(f"{v:.1%}" for v in cell["test_answer_rank"].values())
+    lines.append(f"| {ds} | `{recipe}` | {cell['seeds']} | " + " | ".join(vals) + f" | {ranks} |")
+  return lines + [""]
+
+
+def grid_report(summary: dict) -> str:
+  cells, pairs = summary["cells"], summary["pairs"]
+  lines = [
+    "# RecGPT study: 4 datasets x recipes x seeds",
+    "",
+    "Regenerate with `python -m experiments.study report` (reads experiments/results/study/grid/*.json and the",
+    "per-user test metrics beside them). Runs: `python -m experiments.study grid`. Test metrics, full ranking,",
+    "mean +- sd over seeds; the best model of each run is selected on valid NDCG@10.",
+    "",
+  ]
+  for ds in study_config.DATASETS:
+    rows = [(r, cells[f"{ds}/{r}"]) for r in RECIPES if f"{ds}/{r}" in cells]
+    if not rows:
+      continue
+    lines += [f"## {ds}", "", "| recipe | seeds | " + " | ".join(REPORT_METRICS) + " |", "|---|---|" + "---|" * 4]
+    for r, cell in rows:
+      vals = []
+      for m in REPORT_METRICS:
+        c = cell.get(m)
+        vals.append("" if c is None else f"{c['mean']:.4f}" + (f" +- {c['sd']:.4f}" if c["sd"] is not None else ""))
+      lines.append(f"| {RECIPES[r].label or r} (`{r}`) | {len(cell['seeds'])} | " + " | ".join(vals) + " |")
+    best = max(rows, key=lambda rc: rc[1]["NDCG@10"]["mean"])
+    hr_pub, ndcg_pub = PUBLISHED[ds]
+    hr, ndcg = best[1]["HR@10"]["mean"], best[1]["NDCG@10"]["mean"]
+    lines += [
+      "",
+      f"Best recipe by mean test NDCG@10: `{best[0]}`: HR@10 {hr:.4f} = {hr / hr_pub:.0%} and NDCG@10 {ndcg:.4f} ="
+      f" {ndcg / ndcg_pub:.0%} of the best published ({hr_pub} / {ndcg_pub}); the bar is 90%.",
+      "",
+      "Paired per-user differences (recipe - baseline), 95% hierarchical bootstrap interval (users and seeds):",
+      "",
+      "| recipe | vs | metric | seeds | mean diff | 95% CI | per seed | verdict |",
+      "|---|---|---|---|---|---|---|---|",
+    ]
+    for r, _ in rows:
+      for base in BASELINES:
+        for m in PAIR_METRICS:
+          p = pairs.get(f"{ds}/{r}/vs_{base}/{m}")
+          if p is None:
+            continue
+          per_seed = " ".join(f"{x:+.4f}" for x in p["per_seed"])
+          lo, hi = p["ci95"]
+          lines.append(
+            f"| `{r}` | `{base}` | {m} | {p['seeds']} | {p['mean_diff']:+.4f} | [{lo:+.4f}, {hi:+.4f}]"
+            f" | {per_seed} | {p['verdict']} |"
+          )
+    lines.append("")
+  lines += recall_report(summary.get("recall", {}))
+  return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: pathlib.Path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, len(study_config.DATASETS), figsize=(4.5 * len(study_config.DATASETS), 4))
+  for ax, ds in zip(np.atleast_1d(axes), study_config.DATASETS, strict=True):
+    names = [r for r in RECIPES if f"{ds}/{r}" in summary["cells"]]
+    means = [summary["cells"][f"{ds}/{r}"]["NDCG@10"]["mean"] for r in names]
+    sds = [summary["cells"][f"{ds}/{r}"]["NDCG@10"]["sd"] or 0.0 for r in names]
+    ax.bar(range(len(names)), means, yerr=sds, capsize=3, color="tab:blue")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+    ax.axhline(0.9 * PUBLISHED[ds][1], color="tab:red", ls="--", lw=1, label="90% of best published")
+    ax.set_title(ds)
+    ax.set_ylabel("test NDCG@10 (mean +- sd over seeds)")
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def report(out: pathlib.Path, replicates: int) -> None:
+  """Writes tune.md, report.md, report.json and report.png under ``out`` from the results files there."""
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "tune.md").write_text(tune_report(out))
+  summary = grid_summary(out, replicates)
+  summary["recall"] = recall_summary(out, replicates)
+  (out / "report.json").write_text(json.dumps(summary, indent=1) + "\n")
+  (out / "report.md").write_text(grid_report(summary))
+  if summary["cells"]:
+    plot(summary, out / "report.png")
+  print(f"wrote {out / 'tune.md'}, {out / 'report.md'}, {out / 'report.json'}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------- main
+
+
+def _seeds() -> list[int]:
+  try:
+    return [int(s) for s in _SEEDS.value]
+  except ValueError:
+    raise UserError(f"--seeds must be integers separated by commas, got {','.join(_SEEDS.value)!r}") from None
+
+
 def main(argv):
-  if len(argv) != 2 or argv[1] not in ("tune",):
-    raise UserError("usage: python -m experiments.study tune [--datasets=...]")
+  commands = ("tune", "grid", "recall", "report")
+  if len(argv) != 2 or argv[1] not in commands:
+    raise UserError(f"usage: python -m experiments.study {{{'|'.join(commands)}}} [flags]; got {' '.join(argv[1:])!r}")
   unknown = [d for d in _DATASETS.value if d not in study_config.DATASETS]
   if unknown:
-    raise UserError(f"unknown dataset(s) {', '.join(unknown)}; expected some of {', '.join(study_config.DATASETS)}")
-  execute(tune_runs(_DATASETS.value))
+    raise UserError(f"unknown dataset {unknown[0]!r}; expected some of {', '.join(study_config.DATASETS)}")
+  bad = [r for r in _RECIPES.value if r not in RECIPES]
+  if bad:
+    raise UserError(f"unknown recipe {bad[0]!r}; expected some of {', '.join(RECIPES)}")
+  seeds = _seeds()
+  runs_root, results_root = pathlib.Path(_RUNS.value), pathlib.Path(_RESULTS.value)
+  if argv[1] == "tune":
+    execute(tune_runs(_DATASETS.value, runs_root, results_root), _DRY_RUN.value)
+  elif argv[1] == "grid":
+    execute(grid_runs(_DATASETS.value, _RECIPES.value, seeds, runs_root, results_root), _DRY_RUN.value)
+  elif argv[1] == "recall":
+    run_recall(grid_runs(_DATASETS.value, _RECIPES.value, seeds, runs_root, results_root), results_root)
+  else:
+    report(results_root, _BOOTSTRAP.value)
 
 
 def run():

@@ -78,6 +78,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.users_per_batch = 1024  # users scored per evaluation step
   c.eval.rows_per_batch = 256  # packed rows per evaluation step (row length = train.row_len)
   c.eval.metric = "NDCG@10"  # validation metric used to select the best model
+  # Head that scores items in evaluation, recall and recommendations: 'tied' (item table), 'untied', or ''
+  # (the head the loss trains, train.head). The authors train their prompt-tuning loss on the untied head and
+  # evaluate with the tied table.
+  c.eval.head = ""
 
   c.recall = ml_collections.ConfigDict()
   # Items per interest step m_1..m_S of the multi-interest recall used for evaluation (K = sum). (20,) is
@@ -85,7 +89,8 @@ def base_config() -> ml_collections.ConfigDict:
   # reported for the cut-offs 5, 10, 20 that are <= K.
   c.recall.quotas = (20,)
 
-  c.init_from = ""  # prompt_tune: a pre-training workdir whose best (else latest) parameters start the stage
+  # A run workdir whose best (else latest) parameters start the stage (required by finetune and prompt_tune).
+  c.init_from = ""
 
   c.prompt = ml_collections.ConfigDict()
   c.prompt.mode = "last"  # 'last' (replace the last w real inputs) or 'interleave' (w prompts after each item)
@@ -125,6 +130,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.results_dir = ""  # if set, also write <results_dir>/<name>.json (e.g. experiments/results)
   c.tfds_data_dir = ""  # where the TFDS builder writes (default ~/.cache/recgpt_jax/tfds)
   return c
+
+
+def eval_head(c: ml_collections.ConfigDict) -> str:
+  """The head that scores items in evaluation, recall and recommendations (``eval.head``, else ``train.head``)."""
+  return c.eval.head or c.train.head
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
@@ -170,6 +180,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   need(c.train.head in ("tied", "untied"), f"train.head must be 'tied' or 'untied', got {c.train.head!r}")
   need(c.train.head == "tied" or c.model.untied_head, "train.head='untied' needs model.untied_head=True")
   need(c.optimizer.learning_rate > 0, f"optimizer.learning_rate must be > 0, got {c.optimizer.learning_rate}")
+  need(c.eval.head in ("", "tied", "untied"), f"eval.head must be '', 'tied' or 'untied', got {c.eval.head!r}")
+  need(c.eval.head != "untied" or c.model.untied_head, "eval.head='untied' needs model.untied_head=True")
   need(c.eval.users_per_batch >= 1 and c.eval.rows_per_batch >= 1, "eval batch sizes must be >= 1")
   need(c.prompt.mode in ("last", "interleave"), f"prompt.mode must be 'last' or 'interleave', got {c.prompt.mode!r}")
   need(c.prompt.width >= 1, f"prompt.width must be >= 1, got {c.prompt.width}")

@@ -1,13 +1,14 @@
 """Command-line entry point.
 
   python -m recgpt_jax.main --config=experiments/configs/default.py --workdir=runs/default \
-      [--mode=pretrain|prompt_tune|evaluate]
+      [--mode=pretrain|finetune|prompt_tune|evaluate|recommend]
 
 Any config field can be overridden with ``--config.<field>=<value>``. Multi-process runs add
 ``--coordinator_address=host:port --num_processes=N --process_id=i`` (or ``--distributed=auto`` on TPU
 VMs and under SLURM); see launch/README.md. Modes: ``pretrain`` trains (resuming
 from the workdir's checkpoint if present) and then evaluates the best model; ``prompt_tune`` does the same
-for RecGPT's prompt-tuning stage, starting from the pre-training workdir ``--config.init_from``;
+for RecGPT's prompt-tuning stage, starting from the pre-training workdir ``--config.init_from``; ``finetune``
+is prompt-tuning without prompts (the control), also from ``--config.init_from``;
 ``evaluate`` only evaluates the workdir's model. User errors (bad data, config or flags) are reported as
 one line with exit code 2.
 """
@@ -23,7 +24,7 @@ from ml_collections import config_flags
 from recgpt_jax import errors
 from recgpt_jax.errors import UserError
 
-MODES = ("pretrain", "prompt_tune", "evaluate", "recommend")
+MODES = ("pretrain", "finetune", "prompt_tune", "evaluate", "recommend")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, metrics and results.")
@@ -107,7 +108,7 @@ def main(argv: list[str]) -> None:
     joined = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
     if joined and not distributed.is_primary():  # process 0 reports; the others only print errors
       sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
-    if _MODE.value in ("pretrain", "prompt_tune"):
+    if _MODE.value in loop.TRAIN_STAGES:
       loop.train_and_evaluate(config, _WORKDIR.value, _MODE.value)
     elif _MODE.value == "evaluate":
       loop.evaluate_only(config, _WORKDIR.value)

@@ -68,8 +68,13 @@ def make_eval_step(
   recall_fn=None,
   mesh: jax.sharding.Mesh | None = None,
   param_shardings=None,
+  *,
+  per_user: bool = False,
 ):
   """Returns a jitted ``(params, batch) -> sums`` of each metric over the batch's real users.
+
+  With ``per_user``, the step returns every slot's metrics instead (``[users_per_batch]`` arrays, plus
+  ``answer``: 0 marks an empty slot), for ``evaluate_per_user``.
 
   Without ``recall_fn`` the ranking is the full catalogue scored by the last hidden state; with it (a
   multi-interest recall function of ``recgpt_jax.recall.decoder``) the ranking is its merged list.
@@ -84,13 +89,13 @@ def make_eval_step(
 
   def _eval_step(params, batch):
     if recall_fn is not None:
-      per_user = list_metrics(recall_fn(params, batch)["items"], batch["answer"], ks)
+      per_user_metrics = list_metrics(recall_fn(params, batch)["items"], batch["answer"], ks)
     else:
       model = nnx.merge(graphdef, params)
       hidden = model(batch["items"], batch["positions"], batch["segments"], batch["seq_ids"], batch["users"])
       user_hidden = hidden[batch["last_row"], batch["last_col"]]  # [users, hidden]
       if mesh is None:
-        per_user = ranking_metrics(model.logits(user_hidden, head), batch["answer"], batch["history"], ks)
+        per_user_metrics = ranking_metrics(model.logits(user_hidden, head), batch["answer"], batch["history"], ks)
       else:
         table, bias = model.head_weights(head)
         _, top_uk = topk.sharded_top_k(
@@ -102,9 +107,11 @@ def make_eval_step(
           bias_v=bias,
           num_valid=model.cfg.num_items + 1,
         )
-        per_user = list_metrics(top_uk, batch["answer"], ks)
+        per_user_metrics = list_metrics(top_uk, batch["answer"], ks)
+    if per_user:
+      return per_user_metrics | {"answer": batch["answer"]}
     real = (batch["answer"] > 0).astype(jnp.float32)
-    sums = {name: jnp.sum(v * real) for name, v in per_user.items()}
+    sums = {name: jnp.sum(v * real) for name, v in per_user_metrics.items()}
     sums["users"] = jnp.sum(real)
     return sums
 
@@ -126,3 +133,17 @@ def evaluate(eval_step, params, batches: Iterable[dict[str, np.ndarray]]) -> dic
   total = jax.device_get(total)
   users = float(total.pop("users"))
   return {name: float(v) / users for name, v in total.items()} | {"users": int(users)}
+
+
+def evaluate_per_user(eval_step, params, batches: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """Every real user's metrics, in batch order, from a ``make_eval_step(..., per_user=True)`` step.
+
+  Returns:
+    ``answer`` (the held-out items) and one float32 ``[users]`` array per metric.
+  """
+  parts = [jax.device_get(eval_step(params, batch)) for batch in batches]
+  if not parts:
+    raise ValueError("no evaluation batches")
+  out = {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
+  real = out["answer"] > 0
+  return {k: v[real] for k, v in out.items()}

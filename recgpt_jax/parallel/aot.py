@@ -42,7 +42,7 @@ from recgpt_jax.model.transformer import ModelConfig, RecGPT
 from recgpt_jax.parallel import hlo
 from recgpt_jax.parallel import mesh as mesh_lib
 from recgpt_jax.recall import decoder
-from recgpt_jax.train import optim
+from recgpt_jax.train import optim, stages
 from recgpt_jax.train import step as step_lib
 
 GiB = 2**30
@@ -283,7 +283,7 @@ def train_program(b: Built, stage: str, rows_per_batch: int | None = None) -> Pr
   data = b.mesh.shape["data"]
   if rows % data:
     raise ConfigError(f"train.rows_per_batch={rows} must be divisible by the mesh's data axis ({data} devices)")
-  prompt_cfg = step_lib.PromptConfig(**c.prompt) if stage == "prompt_tune" else None
+  prompt_cfg = stages.get(stage).prompt_config(c)
   try:
     loss_cfg = step_lib.LossConfig(kind=c.train.loss, num_negatives=c.train.num_negatives, head=c.train.head)
   except ValueError as e:
@@ -297,7 +297,7 @@ def train_program(b: Built, stage: str, rows_per_batch: int | None = None) -> Pr
 
 def _recall_fn(b: Built):
   quotas = tuple(b.config.recall.quotas)
-  return decoder.make_recall_fn(b.graphdef, quotas, b.config.train.head, b.mesh)
+  return decoder.make_recall_fn(b.graphdef, quotas, config_lib.eval_head(b.config), b.mesh)
 
 
 def eval_program(b: Built, history: int) -> Program:
@@ -306,7 +306,7 @@ def eval_program(b: Built, history: int) -> Program:
   quotas = tuple(c.recall.quotas)
   ks = tuple(k for k in metrics_lib.KS if k <= sum(quotas))
   recall_fn = _recall_fn(b) if len(quotas) > 1 else None
-  fn = metrics_lib.make_eval_step(b.graphdef, ks, c.train.head, recall_fn, b.mesh, b.state_sharding.params)
+  fn = metrics_lib.make_eval_step(b.graphdef, ks, config_lib.eval_head(c), recall_fn, b.mesh, b.state_sharding.params)
   batch = eval_batch(b.mesh, c.eval.rows_per_batch, c.train.row_len, c.eval.users_per_batch, history)
   return Program(
     "eval_step", fn, (b.abstract_state.params, batch), c.eval.rows_per_batch, c.train.row_len, c.eval.users_per_batch
