@@ -28,6 +28,7 @@ Recipes (every one starts from the dataset's tuned baseline, experiments/configs
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import pathlib
@@ -147,6 +148,7 @@ class RunSpec:
   group: str  # results sub-folder
   runs: pathlib.Path  # root of the workdirs
   results: pathlib.Path  # root of the results
+  parent: RunSpec | None = None  # the run whose model this one starts from: it must be finished first
 
   def workdir(self) -> pathlib.Path:
     return self.runs / self.group / self.name
@@ -238,45 +240,65 @@ def grid_name(dataset: str, recipe: str, seed: int) -> str:
 def grid_runs(datasets, recipes, seeds, runs_root: pathlib.Path, results_root: pathlib.Path) -> list[RunSpec]:
   """Seed by seed, dataset by dataset; each recipe after the recipe it continues."""
   wanted = list(dict.fromkeys(p for r in recipes for p in (RECIPES[r].parent, r) if p))
-  runs = []
+  runs, by_name = [], {}
   for seed in seeds:
     for ds in datasets:
       for name in wanted:
         recipe = RECIPES[name]
         settings = {**recipe.overrides, "seed": seed}
-        if recipe.parent:
-          settings["init_from"] = str(runs_root / "grid" / grid_name(ds, recipe.parent, seed))
+        parent = by_name.get(grid_name(ds, recipe.parent, seed)) if recipe.parent else None
+        if parent is not None:
+          settings["init_from"] = str(parent.workdir())
         spec = RunSpec(
-          grid_name(ds, name, seed), ds, recipe.stage, tuple(settings.items()), "grid", runs_root, results_root
+          grid_name(ds, name, seed), ds, recipe.stage, tuple(settings.items()), "grid", runs_root, results_root, parent
         )
+        by_name[spec.name] = spec
         runs.append(spec)
   return runs
 
 
 def execute(runs: list[RunSpec], dry_run: bool = False) -> None:
-  """Runs what is not finished, in order; a failed run is reported and the next one starts."""
+  """Runs what is not finished, in order; a failed run is reported and the next one starts.
+
+  Several runners may share a study: each run is taken under an exclusive lock (released when its process
+  ends, also by a crash), and a run whose parent is not finished is left for later.
+  """
   todo = [r for r in runs if not r.finished()]
   print(f"{len(runs) - len(todo)} of {len(runs)} runs finished; {len(todo)} to do", flush=True)
-  failed = []
+  failed, waiting = [], []
   for i, r in enumerate(todo):
     cmd = r.command()
     if dry_run:
       print(" ".join(cmd[1:]))
       continue
+    if r.parent is not None and not r.parent.finished():
+      waiting.append(r.name)
+      print(f"[{i + 1}/{len(todo)}] {r.name}: waits for {r.parent.name}", flush=True)
+      continue
     log = r.runs / "logs" / f"{r.group}__{r.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    print(f"[{i + 1}/{len(todo)}] {r.name} ({r.stage}) -> {log}", flush=True)
-    with open(log, "a") as f:
-      f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
-      f.flush()
-      env = {**os.environ, "RECGPT_COMMAND": " ".join(["python", *cmd[1:]])}
-      rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    with open(log.with_suffix(".lock"), "w") as lock:
+      try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        print(f"[{i + 1}/{len(todo)}] {r.name}: running in another process", flush=True)
+        continue
+      if r.finished():  # finished by another runner since this one listed it
+        continue
+      t0 = time.time()
+      print(f"[{i + 1}/{len(todo)}] {r.name} ({r.stage}) -> {log}", flush=True)
+      with open(log, "a") as f:
+        f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
+        f.flush()
+        env = {**os.environ, "RECGPT_COMMAND": " ".join(["python", *cmd[1:]])}
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     if rc != 0 or not r.result().exists():
       failed.append(r.name)
       print(f"    FAILED (exit {rc}; see {log})", flush=True)
     else:
       print(f"    done in {time.time() - t0:.0f} s", flush=True)
+  if waiting:
+    print(f"{len(waiting)} runs wait for a run that is not finished: run the command again later", flush=True)
   if failed:
     raise UserError(f"{len(failed)} runs failed: {', '.join(failed)}")
 

@@ -189,3 +189,21 @@ def test_recall_analysis_of_a_trained_run(tmp_path):
   assert per_user["10+10/HR@20"].shape == per_user["users"].shape
   study.report(tmp_path / "o", replicates=50)
   assert "## Multi-interest recall settings" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_runners_share_a_study(tmp_path, capsys, monkeypatch):
+  """A run whose parent is unfinished waits; a run locked by another runner is left to it; nothing starts."""
+  import fcntl
+
+  started = []
+  monkeypatch.setattr(study.subprocess, "call", lambda cmd, **kw: started.append(cmd) or 1)
+  runs = study.grid_runs(["Beauty"], ["ce_finetune"], [0], tmp_path / "r", tmp_path / "o")
+  assert runs[1].parent is runs[0]
+  (tmp_path / "r" / "logs").mkdir(parents=True)
+  with open(tmp_path / "r" / "logs" / "grid__Beauty__ce__s0.lock", "w") as held:
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    study.execute(runs)
+  out = capsys.readouterr().out
+  assert "Beauty__ce__s0: running in another process" in out
+  assert "Beauty__ce_finetune__s0: waits for Beauty__ce__s0" in out
+  assert started == []
