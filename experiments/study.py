@@ -59,6 +59,15 @@ SWEEP: dict[str, dict] = {
   "len100": {"max_len": 100, "train.row_len": 128, "train.rows_per_batch": 16},
 }
 SWEEP_SETTINGS = {"train.patience": 5}
+# The user module (the paper's third component), on Beauty: as the paper has it, and regularised (user vectors
+# dropped per sequence, or an L2 prior on them; train.user_l2).
+USER_SWEEP: dict[str, dict] = {
+  "user": {"model.user_module": True},
+  "user_drop0.5": {"model.user_module": True, "model.user_dropout": 0.5},
+  "user_l2_0.1": {"model.user_module": True, "train.user_l2": 0.1},
+  "user_l2_1": {"model.user_module": True, "train.user_l2": 1.0},
+}
+USER_SWEEP_DATASETS = ("Beauty",)
 
 # The second stage's schedule, shared by the control and the prompt-tuning recipes (the reference's rate).
 _TUNE = {"optimizer.learning_rate": 5e-4, "train.num_epochs": 40, "train.patience": 5}
@@ -225,8 +234,10 @@ def _flag_value(v) -> str:
 def tune_runs(datasets, runs_root: pathlib.Path, results_root: pathlib.Path) -> list[RunSpec]:
   """The sweep, point by point across datasets (every dataset gets its base first)."""
   runs = []
-  for point, overrides in SWEEP.items():
-    for ds in datasets:
+  points = [(p, o, datasets) for p, o in SWEEP.items()]
+  points += [(p, o, [d for d in datasets if d in USER_SWEEP_DATASETS]) for p, o in USER_SWEEP.items()]
+  for point, overrides, point_datasets in points:
+    for ds in point_datasets:
       settings = {**SWEEP_SETTINGS, **overrides, "seed": 0}
       spec = RunSpec(f"{ds}__{point}", ds, "pretrain", tuple(settings.items()), "tune", runs_root, results_root)
       runs.append(spec)
@@ -399,14 +410,16 @@ def tune_report(results_root: pathlib.Path) -> str:
   lines = ["# Baseline sweep (seed 0, selected on valid NDCG@10)", ""]
   lines += [
     "One factor at a time from the base (experiments/configs/study.py: hidden 64, 2 layers, 2 heads, FFN 256,",
-    "dropout 0.5, Adam 1e-3, max length 50, full-softmax CE, no user module), patience 5.",
+    "dropout 0.5, Adam 1e-3, max length 50, full-softmax CE, no user module), patience 5; on Beauty also the user",
+    "module, as in the paper and regularised (`user*` points).",
     "Command: `python -m experiments.study tune`; regenerate this file with `python -m experiments.study report`.",
     "",
     "| dataset | point | valid NDCG@10 | valid HR@10 | test HR@10 | test NDCG@10 | best epoch | wall s |",
     "|---|---|---|---|---|---|---|---|",
   ]
   for ds in study_config.DATASETS:
-    points = [(p, runs.get(f"{ds}__{p}")) for p in SWEEP]
+    names = list(SWEEP) + (list(USER_SWEEP) if ds in USER_SWEEP_DATASETS else [])
+    points = [(p, runs.get(f"{ds}__{p}")) for p in names]
     done = [(p, r) for p, r in points if r]
     best = max(done, key=lambda pr: pr[1]["valid"]["NDCG@10"])[0] if done else None
     for p, r in points:

@@ -53,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.loss = "ce"  # 'ce' (full softmax), 'bce' (reference: one random negative), 'sampled_softmax'
   c.train.num_negatives = 256  # negatives per batch for sampled_softmax
   c.train.head = "tied"  # head used by the loss: 'tied' (item table) or 'untied'
+  c.train.user_l2 = 0.0  # user module: adds user_l2 * mean squared norm of the batch tokens' user vectors
   c.train.row_sparse = True  # update gather-only tables (users; items under a sampled loss) by row: exact, faster
   c.train.num_epochs = 20  # passes over the training users
   c.train.max_steps = 0  # stop after this many steps in total (0 = no limit)
@@ -177,6 +178,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     c.train.loss in ("ce", "bce", "sampled_softmax"),
     f"train.loss must be ce, bce or sampled_softmax, got {c.train.loss!r}",
   )
+  need(c.train.user_l2 >= 0, f"train.user_l2 must be >= 0, got {c.train.user_l2}")
   need(c.train.head in ("tied", "untied"), f"train.head must be 'tied' or 'untied', got {c.train.head!r}")
   need(c.train.head == "tied" or c.model.untied_head, "train.head='untied' needs model.untied_head=True")
   need(c.optimizer.learning_rate > 0, f"optimizer.learning_rate must be > 0, got {c.optimizer.learning_rate}")

@@ -285,7 +285,7 @@ def train_program(b: Built, stage: str, rows_per_batch: int | None = None) -> Pr
     raise ConfigError(f"train.rows_per_batch={rows} must be divisible by the mesh's data axis ({data} devices)")
   prompt_cfg = stages.get(stage).prompt_config(c)
   try:
-    loss_cfg = step_lib.LossConfig(kind=c.train.loss, num_negatives=c.train.num_negatives, head=c.train.head)
+    loss_cfg = step_lib.LossConfig.from_config(c.train)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   adam = optim.adam_spec(c.optimizer, _NOMINAL_STEPS) if c.train.row_sparse else None

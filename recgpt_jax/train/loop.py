@@ -173,7 +173,7 @@ class Run:
       self.model_cfg = ModelConfig(
         num_items=self.data.num_items, num_users=self.data.num_users, max_len=c.max_len, **c.model
       )
-      self.loss_cfg = step_lib.LossConfig(kind=c.train.loss, num_negatives=c.train.num_negatives, head=c.train.head)
+      self.loss_cfg = step_lib.LossConfig.from_config(c.train)
     except ValueError as e:
       raise ConfigError(str(e)) from None
     model = RecGPT(self.model_cfg, rngs=nnx.Rngs(c.seed))

@@ -49,15 +49,27 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """Which loss to train with; ``num_negatives`` is used by ``sampled_softmax``."""
+  """Which loss to train with; ``num_negatives`` is used by ``sampled_softmax``.
+
+  ``user_l2`` adds ``user_l2 * mean ||u||^2`` over the batch's real tokens of their user vectors ``u`` (the user
+  module's rows; a Gaussian prior on each row, weighted by the user's tokens).
+  """
 
   kind: str = "ce"
   num_negatives: int = 256
   head: str = "tied"  # which head scores items in the loss: 'tied' or 'untied'
+  user_l2: float = 0.0
 
   def __post_init__(self):
     if self.kind not in losses.LOSSES:
       raise ValueError(f"train.loss must be one of {losses.LOSSES}, got {self.kind!r}")
+    if self.user_l2 < 0:
+      raise ValueError(f"train.user_l2 must be >= 0, got {self.user_l2}")
+
+  @classmethod
+  def from_config(cls, train) -> LossConfig:
+    """The loss of a config's ``train`` section."""
+    return cls(kind=train.loss, num_negatives=train.num_negatives, head=train.head, user_l2=train.user_l2)
 
 
 def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> tuple[nnx.GraphDef, TrainState]:
@@ -244,6 +256,13 @@ def hard_negative_loss(model, hidden, prompted: Batch) -> jax.Array:
   return jnp.sum(jax.nn.softplus(margin) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+def user_norm_penalty(table: jax.Array, users: jax.Array, real: jax.Array) -> jax.Array:
+  """Mean squared norm of the user vectors of the real tokens (``users`` indexes ``table``)."""
+  sq = jnp.sum(jnp.square(table[users].astype(jnp.float32)), axis=-1)
+  weights = real.astype(jnp.float32)
+  return jnp.sum(sq * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
 def make_train_step(
   graphdef: nnx.GraphDef,
   tx: optax.GradientTransformation,
@@ -300,6 +319,9 @@ def make_train_step(
       if prompt_cfg is not None and prompt_cfg.hard_negative_weight > 0:
         aux["hard_negative_loss"] = hard_negative_loss(model, hidden, batch)
         loss = loss + prompt_cfg.hard_negative_weight * aux["hard_negative_loss"]
+      if loss_cfg.user_l2 > 0 and model.user_embed is not None:
+        aux["user_l2"] = user_norm_penalty(params["user_embed"]["embedding"], batch["users"], batch["seq_ids"] > 0)
+        loss = loss + loss_cfg.user_l2 * aux["user_l2"]
       return loss, aux
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
