@@ -29,7 +29,8 @@ setuptools.setup(
         # libtpu (through jax[tpu]) for the ahead-of-time TPU compile test; it needs no TPU. torch for the PyTorch
         # parity tests, pinned: torch==2.13.0 is the CPU build available offline, for Python 3.11 only (another
         # version, or Python 3.12, pulls a multi-GB CUDA build), so `make test` runs those tests in a 3.11 venv.
-        "test": ["pytest>=8", "ruff>=0.6", "jax[tpu]"],
+        # matplotlib for the study report's plot (tests/experiments/test_study.py).
+        "test": ["pytest>=8", "ruff>=0.6", "jax[tpu]", "matplotlib>=3.8"],
         "torch": ["torch==2.13.0; python_version < '3.12'"],
         "bench": ["torch==2.13.0; python_version < '3.12'", "matplotlib>=3.8"],
     },
