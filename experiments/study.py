@@ -40,6 +40,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments.configs import study as study_config
+from experiments.configs.study import RECIPES
 from recgpt_jax import errors
 from recgpt_jax.config import base_config
 from recgpt_jax.errors import UserError
@@ -69,63 +70,6 @@ USER_SWEEP: dict[str, dict] = {
 }
 USER_SWEEP_DATASETS = ("Beauty",)
 
-# The second stage's schedule, shared by the control and the prompt-tuning recipes (the reference's rate).
-_TUNE = {"optimizer.learning_rate": 5e-4, "train.num_epochs": 40, "train.patience": 5}
-_TWO_STEP = {"recall.quotas": (18, 2)}
-_PROMPTS = {"prompt.mode": "last", "prompt.width": 1, "prompt.source": "top", "prompt.head": "tied"}
-# The reference configuration (../shared/docs/recgpt-reference.md). Our model has one hidden dropout rate, so
-# the authors' 0.1 on residuals also applies to the input embeddings.
-_AUTHORS_MODEL = {
-  "max_len": 50,
-  "train.row_len": 64,
-  "train.rows_per_batch": 32,
-  "model.hidden": 256,
-  "model.num_layers": 1,
-  "model.num_heads": 2,
-  "model.ffn": 512,
-  "model.attention": "flow",
-  "model.user_module": True,
-  "model.attn_dropout": 0.0,
-  "model.hidden_dropout": 0.1,
-}
-_AUTHORS_TUNE = {
-  **_AUTHORS_MODEL,
-  **_TUNE,
-  "train.loss": "ce",
-  "model.untied_head": True,
-  "train.head": "untied",
-  "eval.head": "tied",
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-  """A training stage with its overrides, optionally continuing another recipe's model (``parent``)."""
-
-  stage: str
-  overrides: dict
-  parent: str | None = None
-  label: str = ""
-
-
-RECIPES: dict[str, Recipe] = {
-  "ce": Recipe("pretrain", {}, label="CE pre-train"),
-  "ce_finetune": Recipe("finetune", _TUNE, "ce", "CE fine-tune (no prompts)"),
-  "recgpt": Recipe("prompt_tune", {**_TUNE, **_PROMPTS, **_TWO_STEP}, "ce", "RecGPT (paper)"),
-  "aligned": Recipe("prompt_tune", {**_TUNE, **_PROMPTS, **_TWO_STEP, "prompt.aligned": True}, "ce", "aligned prompts"),
-  "authors_bce": Recipe(
-    "pretrain",
-    {**_AUTHORS_MODEL, "train.loss": "bce", "train.num_epochs": 30, "train.patience": 0},
-    label="authors: BCE pre-train",
-  ),
-  "authors_finetune": Recipe("finetune", _AUTHORS_TUNE, "authors_bce", "authors: CE fine-tune"),
-  "authors_recgpt": Recipe(
-    "prompt_tune",
-    {**_AUTHORS_TUNE, **_PROMPTS, **_TWO_STEP, "prompt.head": "untied", "prompt.gen_dropout": True},
-    "authors_bce",
-    "authors: RecGPT",
-  ),
-}
 BASELINES = ("ce", "ce_finetune")  # every recipe is compared with these (paired, per user)
 PAIR_METRICS = ("NDCG@10", "HR@20")
 REPORT_METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")
@@ -158,6 +102,12 @@ class RunSpec:
   runs: pathlib.Path  # root of the workdirs
   results: pathlib.Path  # root of the results
   parent: RunSpec | None = None  # the run whose model this one starts from: it must be finished first
+  recipe: str = ""  # a RECIPES name ('' = the dataset's baseline config)
+
+  @property
+  def config_arg(self) -> str:
+    """The argument of experiments/configs/study.py's get_config: ``<dataset>[,<recipe>]``."""
+    return f"{self.dataset},{self.recipe}" if self.recipe else self.dataset
 
   def workdir(self) -> pathlib.Path:
     return self.runs / self.group / self.name
@@ -165,12 +115,16 @@ class RunSpec:
   def result(self) -> pathlib.Path:
     return self.results / self.group / f"{self.name}.json"
 
-  def expected_config(self) -> dict:
-    """The training-relevant config this run records (its results JSON's ``recipe.config``)."""
-    c = study_config.get_config(self.dataset)
+  def config(self):
+    """The run's config (``ml_collections.ConfigDict``) as its command builds it."""
+    c = study_config.get_config(self.config_arg)
     for k, v in self.overrides:
       study_config.set_field(c, k, v)
-    return _training_fields(json.loads(c.to_json()))
+    return c
+
+  def expected_config(self) -> dict:
+    """The training-relevant config this run records (its results JSON's ``recipe.config``)."""
+    return _training_fields(json.loads(self.config().to_json()))
 
   def finished(self) -> bool:
     """True when the results JSON exists; UserError when it was made with another config (stale)."""
@@ -192,7 +146,7 @@ class RunSpec:
       "-m",
       "recgpt_jax.main",
       f"--mode={self.stage}",
-      f"--config={CONFIG}:{self.dataset}",
+      f"--config={CONFIG}:{self.config_arg}",
       f"--workdir={self.workdir()}",
       f"--config.name={self.name}",
       f"--config.results_dir={self.result().parent}",
@@ -256,12 +210,20 @@ def grid_runs(datasets, recipes, seeds, runs_root: pathlib.Path, results_root: p
     for ds in datasets:
       for name in wanted:
         recipe = RECIPES[name]
-        settings = {**recipe.overrides, "seed": seed}
+        settings = {"seed": seed}
         parent = by_name.get(grid_name(ds, recipe.parent, seed)) if recipe.parent else None
         if parent is not None:
           settings["init_from"] = str(parent.workdir())
         spec = RunSpec(
-          grid_name(ds, name, seed), ds, recipe.stage, tuple(settings.items()), "grid", runs_root, results_root, parent
+          grid_name(ds, name, seed),
+          ds,
+          recipe.stage,
+          tuple(settings.items()),
+          "grid",
+          runs_root,
+          results_root,
+          parent,
+          name,
         )
         by_name[spec.name] = spec
         runs.append(spec)
@@ -337,9 +299,7 @@ def recall_analysis(spec: RunSpec) -> tuple[dict, dict[str, np.ndarray]]:
   from recgpt_jax.recall import decoder
   from recgpt_jax.train import loop
 
-  c = study_config.get_config(spec.dataset)
-  for k, v in spec.overrides:
-    study_config.set_field(c, k, v)
+  c = spec.config()
   c.init_from = ""  # only the run's own model is read
   run = loop.Run(c, spec.workdir())
   params, _ = run.ckpt.restore_best(run.state.params)

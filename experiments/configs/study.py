@@ -1,11 +1,20 @@
-"""The study's cross-entropy baseline, per dataset: ``--config=experiments/configs/study.py:<dataset>``.
+"""The RecGPT study's configs: ``--config=experiments/configs/study.py:<dataset>[,<recipe>]``.
 
-The architecture and optimiser of the pre-train-only model of the RecGPT study (experiments/study.py). Every
-recipe of the study starts from this config and overrides what it changes. ``TUNED`` holds each dataset's
+``<dataset>`` alone is the cross-entropy baseline (the pre-train-only model of experiments/study.py); a recipe
+(``RECIPES``: the no-prompt control, RecGPT as in the paper, aligned prompting, the authors' regime) starts
+from it and overrides what it changes. A recipe that continues another one's model needs
+``--config.init_from=<that run's workdir>`` and the recipe's stage as ``--mode``, e.g.
+
+  python -m recgpt_jax.main --config=experiments/configs/study.py:Beauty --workdir=runs/beauty_ce
+  python -m recgpt_jax.main --mode=prompt_tune --config=experiments/configs/study.py:Beauty,recgpt \
+      --workdir=runs/beauty_recgpt --config.init_from=runs/beauty_ce
+ ``TUNED`` holds each dataset's
 values chosen on *valid* NDCG@10 by the sweep ``python -m experiments.study tune`` (experiments/results/study/
 tune.md lists every point tried); a dataset not in it uses the Beauty recipe of
 experiments/configs/beauty_pretrain_ce.py.
 """
+
+import dataclasses
 
 from recgpt_jax.config import base_config
 
@@ -13,6 +22,65 @@ DATASETS = ("Beauty", "Sports_and_Outdoors", "Toys_and_Games", "Yelp")
 
 # Dataset -> {dotted config field: value}, set from the tuning sweep.
 TUNED: dict[str, dict] = {}
+
+
+# The second stage's schedule, shared by the control and the prompt-tuning recipes (the reference's rate).
+_TUNE = {"optimizer.learning_rate": 5e-4, "train.num_epochs": 40, "train.patience": 5}
+_TWO_STEP = {"recall.quotas": (18, 2)}
+_PROMPTS = {"prompt.mode": "last", "prompt.width": 1, "prompt.source": "top", "prompt.head": "tied"}
+# The reference configuration (../shared/docs/recgpt-reference.md). Our model has one hidden dropout rate, so
+# the authors' 0.1 on residuals also applies to the input embeddings.
+_AUTHORS_MODEL = {
+  "max_len": 50,
+  "train.row_len": 64,
+  "train.rows_per_batch": 32,
+  "model.hidden": 256,
+  "model.num_layers": 1,
+  "model.num_heads": 2,
+  "model.ffn": 512,
+  "model.attention": "flow",
+  "model.user_module": True,
+  "model.attn_dropout": 0.0,
+  "model.hidden_dropout": 0.1,
+}
+_AUTHORS_TUNE = {
+  **_AUTHORS_MODEL,
+  **_TUNE,
+  "train.loss": "ce",
+  "model.untied_head": True,
+  "train.head": "untied",
+  "eval.head": "tied",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """A training stage with its overrides, optionally continuing another recipe's model (``parent``)."""
+
+  stage: str
+  overrides: dict
+  parent: str | None = None
+  label: str = ""
+
+
+RECIPES: dict[str, Recipe] = {
+  "ce": Recipe("pretrain", {}, label="CE pre-train"),
+  "ce_finetune": Recipe("finetune", _TUNE, "ce", "CE fine-tune (no prompts)"),
+  "recgpt": Recipe("prompt_tune", {**_TUNE, **_PROMPTS, **_TWO_STEP}, "ce", "RecGPT (paper)"),
+  "aligned": Recipe("prompt_tune", {**_TUNE, **_PROMPTS, **_TWO_STEP, "prompt.aligned": True}, "ce", "aligned prompts"),
+  "authors_bce": Recipe(
+    "pretrain",
+    {**_AUTHORS_MODEL, "train.loss": "bce", "train.num_epochs": 30, "train.patience": 0},
+    label="authors: BCE pre-train",
+  ),
+  "authors_finetune": Recipe("finetune", _AUTHORS_TUNE, "authors_bce", "authors: CE fine-tune"),
+  "authors_recgpt": Recipe(
+    "prompt_tune",
+    {**_AUTHORS_TUNE, **_PROMPTS, **_TWO_STEP, "prompt.head": "untied", "prompt.gen_dropout": True},
+    "authors_bce",
+    "authors: RecGPT",
+  ),
+}
 
 
 def base(dataset: str):
@@ -44,10 +112,17 @@ def set_field(c, dotted: str, value) -> None:
   c[leaf] = value
 
 
-def get_config(dataset: str = "Beauty"):
+def get_config(arg: str = "Beauty"):
+  dataset, _, recipe = arg.partition(",")
   if dataset not in DATASETS:
     raise ValueError(f"unknown study dataset {dataset!r}; expected one of {DATASETS}")
+  if recipe and recipe not in RECIPES:
+    raise ValueError(f"unknown study recipe {recipe!r}; expected one of {tuple(RECIPES)}")
   c = base(dataset)
   for field, value in TUNED.get(dataset, {}).items():
     set_field(c, field, value)
+  if recipe:
+    c.name = f"{dataset}_{recipe}"
+    for field, value in RECIPES[recipe].overrides.items():
+      set_field(c, field, value)
   return c

@@ -46,10 +46,12 @@ def test_grid_plan_puts_parents_first(tmp_path):
   assert names.index("Yelp__ce__s0") < names.index("Beauty__ce__s1")  # seed by seed
   aligned = runs[1]
   settings = dict(aligned.overrides)
-  assert aligned.stage == "prompt_tune" and settings["prompt.aligned"] is True and settings["seed"] == 0
+  config = aligned.expected_config()
+  assert aligned.stage == "prompt_tune" and config["prompt"]["aligned"] is True and config["seed"] == 0
+  assert config["recall"]["quotas"] == [18, 2] and config["optimizer"]["learning_rate"] == 5e-4
   assert settings["init_from"] == str(tmp_path / "r" / "grid" / "Beauty__ce__s0")
   cmd = aligned.command()
-  assert f"--config={study.CONFIG}:Beauty" in cmd and "--config.recall.quotas=(18,2)" in cmd
+  assert f"--config={study.CONFIG}:Beauty,aligned" in cmd and "--config.seed=0" in cmd
   assert f"--config.results_dir={tmp_path / 'o' / 'grid'}" in cmd
 
 
@@ -133,12 +135,17 @@ def test_bad_input_is_one_line_and_touches_nothing(tmp_path, args, message):
   assert spec.result().read_bytes() == before
 
 
-def test_study_config_per_dataset():
+def test_study_config_per_dataset_and_recipe():
   for ds in study_config.DATASETS:
     c = study_config.get_config(ds)
     assert c.dataset == ds and c.train.loss == "ce" and not c.model.user_module
+  authors = study_config.get_config("Yelp,authors_recgpt")
+  assert authors.dataset == "Yelp" and authors.model.hidden == 256 and authors.model.attention == "flow"
+  assert authors.train.head == "untied" and authors.eval.head == "tied" and authors.prompt.gen_dropout
   with pytest.raises(ValueError, match="unknown study dataset"):
     study_config.get_config("Movies")
+  with pytest.raises(ValueError, match="unknown study recipe 'paper'"):
+    study_config.get_config("Beauty,paper")
 
 
 def test_recall_analysis_of_a_trained_run(tmp_path):
@@ -168,9 +175,7 @@ def test_recall_analysis_of_a_trained_run(tmp_path):
   spec = study.RunSpec(
     "Beauty__ce__s0", "Beauty", "pretrain", tuple(small.items()), "grid", tmp_path / "r", tmp_path / "o"
   )
-  c = study_config.get_config("Beauty")
-  for k, v in small.items():
-    study_config.set_field(c, k, v)
+  c = spec.config()
   c.name, c.results_dir = spec.name, str(spec.result().parent)
   own = loop.train_and_evaluate(c, str(spec.workdir()))
   assert spec.finished()
