@@ -146,7 +146,8 @@ def hard_negative_loss(model: TorchRecGPT, hidden: torch.Tensor, prompted: Batch
   h = hidden[row_idx, at]  # [r, l, d] the hidden state that "showed" the slot's item
   clicked = prompted["targets"][row_idx, at]
   shown = prompted["items"]
-  weights = (slot & (clicked > 0) & (shown != clicked)).to(hidden.dtype)
+  in_window = prompted["positions"] - 1 - prompted["gen_rank"] >= 0  # the showing token is this user's
+  weights = (slot & in_window & (clicked > 0) & (shown != clicked)).to(hidden.dtype)
   table = model.item_embed.weight
   margin = (h * (table[shown] - table[clicked])).sum(dim=-1)
   return _masked_mean(F.softplus(margin), weights)

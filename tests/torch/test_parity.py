@@ -278,6 +278,7 @@ PROMPT_CASES = [
   (VARIANTS[1], "interleave", 2, 0.0),
   (VARIANTS[2], "interleave", 2, 0.0),
   (VARIANTS[3], "last", 2, 0.5),
+  (VARIANTS[1], "interleave", 2, 0.5),
 ]
 
 
