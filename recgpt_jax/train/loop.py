@@ -445,6 +445,8 @@ def _train_epoch(run: Run, state, meta: dict, log) -> tuple[Any, dict, bool]:
   window_tokens, window_t0 = 0, time.time()
 
   def report():
+    nonlocal window_tokens
+    window_tokens += int(pending[1]["tokens"])  # the step's own count: global, and after prompting
     return _report(pending, log, bar, window_tokens / max(time.time() - window_t0, 1e-9), c)
 
   for batch in it:
@@ -453,8 +455,6 @@ def _train_epoch(run: Run, state, meta: dict, log) -> tuple[Any, dict, bool]:
     if pending is not None:
       last_loss = report()
     pending = (step, out)
-    # This process's rows; the others hold about as many.
-    window_tokens += int(np.count_nonzero(batch[run.loss_targets_key])) * jax.process_count()
     bar.update(1)
     if step % c.train.checkpoint_every_steps == 0:
       # Check this step's loss before saving it, so a diverged state is never checkpointed.
