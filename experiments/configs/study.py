@@ -58,30 +58,39 @@ _AUTHORS_TUNE = {
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-  """A training stage with its overrides, optionally continuing another recipe's model (``parent``)."""
+  """A training stage with its overrides, optionally continuing another recipe's model (``parent``).
+
+  ``controls``: the recipes it is compared with, user by user: the pre-train-only model and the no-prompt
+  control of the study, and of its own regime.
+  """
 
   stage: str
   overrides: dict
   parent: str | None = None
   label: str = ""
+  controls: tuple[str, ...] = ("ce", "ce_finetune")
 
 
 RECIPES: dict[str, Recipe] = {
-  "ce": Recipe("pretrain", {}, label="CE pre-train"),
-  "ce_finetune": Recipe("finetune", _TUNE, "ce", "CE fine-tune (no prompts)"),
+  "ce": Recipe("pretrain", {}, label="CE pre-train", controls=()),
+  "ce_finetune": Recipe("finetune", _TUNE, "ce", "CE fine-tune (no prompts)", ("ce",)),
   "recgpt": Recipe("prompt_tune", {**_TUNE, **_PROMPTS, **_TWO_STEP}, "ce", "RecGPT (paper)"),
   "aligned": Recipe("prompt_tune", {**_TUNE, **_PROMPTS, **_TWO_STEP, "prompt.aligned": True}, "ce", "aligned prompts"),
   "authors_bce": Recipe(
     "pretrain",
     {**_AUTHORS_MODEL, "train.loss": "bce", "train.num_epochs": 30, "train.patience": 0},
     label="authors: BCE pre-train",
+    controls=("ce",),
   ),
-  "authors_finetune": Recipe("finetune", _AUTHORS_TUNE, "authors_bce", "authors: CE fine-tune"),
+  "authors_finetune": Recipe(
+    "finetune", _AUTHORS_TUNE, "authors_bce", "authors: CE fine-tune", ("ce", "ce_finetune", "authors_bce")
+  ),
   "authors_recgpt": Recipe(
     "prompt_tune",
     {**_AUTHORS_TUNE, **_PROMPTS, **_TWO_STEP, "prompt.head": "untied", "prompt.gen_dropout": True},
     "authors_bce",
     "authors: RecGPT",
+    ("ce", "ce_finetune", "authors_bce", "authors_finetune"),
   ),
 }
 

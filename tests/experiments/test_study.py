@@ -82,12 +82,12 @@ def test_finished_runs_are_skipped_and_stale_ones_refused(tmp_path):
 
 
 def test_report_from_results_files(tmp_path):
-  """Two seeds of three recipes on 4,000 hand-made users: means, spreads and verdicts as constructed."""
+  """Three seeds of three recipes on 4,000 hand-made users: means, spreads and verdicts as constructed."""
   out = tmp_path / "o"
   users = np.arange(1, 4001, dtype=np.int32)
   rng = np.random.default_rng(0)
-  specs = {r.name: r for r in study.grid_runs(["Beauty"], ["ce", "ce_finetune", "recgpt"], [0, 1], tmp_path, out)}
-  for seed in (0, 1):
+  specs = {r.name: r for r in study.grid_runs(["Beauty"], ["ce", "ce_finetune", "recgpt"], [0, 1, 2], tmp_path, out)}
+  for seed in (0, 1, 2):
     base = (rng.random(4000) < 0.2).astype(np.float32)  # HR@20 hits
     ndcg = base * 0.5
     better = np.maximum(base, (rng.random(4000) < 0.1).astype(np.float32))  # a strict gain: never worse
@@ -98,13 +98,20 @@ def test_report_from_results_files(tmp_path):
   study.report(out, replicates=300)
   summary = json.loads((out / "report.json").read_text())
   cell = summary["cells"]["Beauty/ce"]["HR@10"]
-  assert cell["mean"] == pytest.approx(0.105) and cell["sd"] == pytest.approx(np.std([0.1, 0.11], ddof=1))
+  assert cell["mean"] == pytest.approx(0.11) and cell["sd"] == pytest.approx(np.std([0.1, 0.11, 0.12], ddof=1))
   gain = summary["pairs"]["Beauty/recgpt/vs_ce/HR@20"]
-  assert gain["verdict"] == "gain" and gain["ci95"][0] > 0 and gain["seeds"] == 2 and gain["users"] == 4000
+  assert gain["verdict"] == "gain" and gain["ci95"][0] > 0 and gain["seeds"] == 3 and gain["users"] == 4000
   same = summary["pairs"]["Beauty/ce_finetune/vs_ce/NDCG@10"]
   assert same["mean_diff"] == 0 and same["ci95"] == [0, 0] and same["verdict"] == "no significant difference"
+  assert not any(k.startswith("Beauty/ce/") for k in summary["pairs"])  # the baseline has no control
   text = (out / "report.md").read_text()
-  assert "| `recgpt` | `ce` | HR@20 | 2 |" in text and "gain" in text
+  assert "| `recgpt` | `ce` | HR@20 | 3 |" in text and "gain" in text
+  # With fewer seeds there is no verdict, whatever the users say.
+  for name in [n for n in specs if n.endswith("__s2")]:
+    specs[name].result().unlink()
+  study.report(out, replicates=100)
+  summary = json.loads((out / "report.json").read_text())
+  assert summary["pairs"]["Beauty/recgpt/vs_ce/HR@20"]["verdict"] == "pending (2 of 3 seeds)"
   assert (out / "report.png").stat().st_size > 0 and (out / "tune.md").exists()
 
 
