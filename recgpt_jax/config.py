@@ -108,6 +108,9 @@ def base_config() -> ml_collections.ConfigDict:
   # actually did next (the feedback), with the shown item excluded from that position's softmax, as the
   # second step of the multi-interest recall uses it. False = the paper's targets.
   c.prompt.aligned = False
+  # With aligned prompting: also exclude, at a prompt's position, the best `aligned_top` items of the position
+  # that generated it (the first recall step's list, as the recall's second step excludes it); 0 = off.
+  c.prompt.aligned_top = 0
 
   c.mesh = ml_collections.ConfigDict()
   # Device mesh (axes `data` and `model`; recgpt_jax.parallel.mesh). Sizes within a slice; -1 = all
@@ -141,6 +144,7 @@ def eval_head(c: ml_collections.ConfigDict) -> str:
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError (one line) for values no run could use."""
   from recgpt_jax.model import attention, precision  # jax/flax load after flag parsing, not with the config
+  from recgpt_jax.train import prompts
 
   def need(cond: bool, msg: str):
     if not cond:
@@ -192,6 +196,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   need(c.prompt.hard_negative_weight >= 0, "prompt.hard_negative_weight must be >= 0")
   sources = ("top", "sample", "uniform", "popularity")
   need(c.prompt.source in sources, f"prompt.source must be one of {sources}, got {c.prompt.source!r}")
+  top = prompts.NUM_CANDIDATES
+  need(
+    c.prompt.aligned_top == 0 or (c.prompt.aligned and c.prompt.source == "top" and 1 <= c.prompt.aligned_top <= top),
+    f"prompt.aligned_top={c.prompt.aligned_top} needs prompt.aligned=True, prompt.source='top' and 1..{top} items",
+  )
   need(c.prompt.temperature > 0, f"prompt.temperature must be > 0, got {c.prompt.temperature}")
   quotas = tuple(c.recall.quotas)
   need(

@@ -76,6 +76,14 @@ RECIPES: dict[str, Recipe] = {
   "ce_finetune": Recipe("finetune", _TUNE, "ce", "CE fine-tune (no prompts)", ("ce",)),
   "recgpt": Recipe("prompt_tune", {**_TUNE, **_PROMPTS, **_TWO_STEP}, "ce", "RecGPT (paper)"),
   "aligned": Recipe("prompt_tune", {**_TUNE, **_PROMPTS, **_TWO_STEP, "prompt.aligned": True}, "ce", "aligned prompts"),
+  # Beyond aligned: the prompt's position learns the answer among the items the first step did not list, as
+  # the recall's second step is used, with an even split (10, 10) that gives the second step room.
+  "aligned_list": Recipe(
+    "prompt_tune",
+    {**_TUNE, **_PROMPTS, "prompt.aligned": True, "prompt.aligned_top": 10, "recall.quotas": (10, 10)},
+    "ce",
+    "aligned prompts, first list excluded, (10, 10)",
+  ),
   "authors_bce": Recipe(
     "pretrain",
     {**_AUTHORS_MODEL, "train.loss": "bce", "train.num_epochs": 30, "train.patience": 0},

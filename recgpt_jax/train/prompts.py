@@ -214,6 +214,25 @@ def feedback(batch: dict[str, jax.Array]) -> jax.Array:
   return jnp.where(slot, batch["targets"][rows, jnp.maximum(batch["gen_col"], 0)], 0)
 
 
+def exclude_first_list(
+  targets_rl: jax.Array, exclude_rle: jax.Array, candidates_rlc: jax.Array, batch: dict[str, jax.Array], top: int
+) -> tuple[jax.Array, jax.Array]:
+  """Aligned prompting against a whole first recall list: each slot also excludes the ``top`` best items of
+  the column that generated it (``candidates_rlc``, the model's items in score order, history included), as
+  the second step of the multi-interest recall excludes the first step's list. A slot whose feedback is in
+  that list has no loss (the first step already recalls it).
+
+  Returns:
+    ``(targets, exclude)``: ``exclude`` grows by ``top`` ids per position (0 outside slots).
+  """
+  rows = jnp.arange(candidates_rlc.shape[0])[:, None]
+  slot = batch["gen_col"] >= 0
+  listed = jnp.where(slot[..., None], candidates_rlc[rows, jnp.maximum(batch["gen_col"], 0), :top], 0)
+  found = jnp.any(listed == targets_rl[..., None], axis=-1) & slot
+  targets = jnp.where(found, 0, targets_rl).astype(jnp.int32)
+  return targets, jnp.concatenate([exclude_rle, listed.astype(jnp.int32)], axis=-1)
+
+
 def aligned_targets(
   picks_rlk: jax.Array, batch: dict[str, jax.Array], feedback_rl: jax.Array
 ) -> tuple[jax.Array, jax.Array]:

@@ -98,6 +98,8 @@ class PromptConfig:
     temperature: softmax temperature of ``source='sample'``.
     gen_dropout: generate with dropout on (the authors' behaviour).
     aligned: train the position holding a shown prompt on the feedback item, the shown item excluded.
+    aligned_top: with ``aligned``, also exclude the generating column's ``aligned_top`` best items (the first
+      recall step's list; ``prompts.exclude_first_list``).
   """
 
   mode: str = "last"
@@ -108,6 +110,7 @@ class PromptConfig:
   temperature: float = 1.0
   gen_dropout: bool = False
   aligned: bool = False
+  aligned_top: int = 0
 
 
 def _negatives(key: jax.Array, batch: Batch, loss_cfg: LossConfig, num_items: int) -> jax.Array | None:
@@ -230,6 +233,15 @@ def prompted_batch(
   if prompt_cfg.aligned:
     out["feedback"] = prompts.feedback(batch)
     out["targets"], out["exclude"] = prompts.aligned_targets(picks, batch, out["feedback"])
+    if prompt_cfg.aligned_top:
+      if source != "top" or prompt_cfg.aligned_top > candidates.shape[-1]:
+        raise ValueError(
+          f"prompt.aligned_top needs prompt.source='top' and at most {candidates.shape[-1]} items,"
+          f" got {source!r} and {prompt_cfg.aligned_top}"
+        )
+      out["targets"], out["exclude"] = prompts.exclude_first_list(
+        out["targets"], out["exclude"], candidates, batch, prompt_cfg.aligned_top
+      )
   return out
 
 

@@ -249,3 +249,15 @@ def test_aligned_targets_by_hand(mode, width, max_len, boost):
   # Everything outside the users' prompted views excludes nothing and has no target.
   outside = batch["p_seq_ids"] == 0
   assert (targets[outside] == 0).all() and (exclude[outside] == 0).all()
+
+
+def test_aligned_against_the_first_list_by_hand():
+  """One row, two slots: each slot also excludes the top-2 candidates of its generating column, and a slot
+  whose feedback is among them has no loss; real positions are unchanged."""
+  batch = {"gen_col": jnp.array([[-1, -1, 1, -1, 3]])}
+  targets = jnp.array([[5, 6, 7, 8, 9]])  # slot targets already aligned: 7 and 9 are the feedback items
+  exclude = jnp.array([[[0], [0], [11], [0], [12]]])  # the items the slots show
+  candidates = jnp.array([[[1, 2, 3], [20, 21, 22], [1, 2, 3], [9, 30, 31], [1, 2, 3]]])
+  got_targets, got_exclude = prompts.exclude_first_list(targets, exclude, candidates, batch, 2)
+  assert got_targets.tolist() == [[5, 6, 7, 8, 0]]  # column 3's list (9, 30) holds the feedback 9
+  assert got_exclude.tolist() == [[[0, 0, 0], [0, 0, 0], [11, 20, 21], [0, 0, 0], [12, 9, 30]]]

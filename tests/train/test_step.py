@@ -168,3 +168,29 @@ def test_hard_negative_term_changes_the_update():
   np.testing.assert_allclose(
     float(m_hard["loss"]), float(m_plain["loss"]) + float(m_hard["hard_negative_loss"]), rtol=1e-5
   )
+
+
+def test_prompted_batch_excludes_the_first_list():
+  """Through the step's prompting: the slot's extra exclusions are the generating column's best items."""
+  graphdef, _, state, batch = _setup("last", 1)
+  model = nnx.merge(graphdef, state.params)
+  cfg = step_lib.PromptConfig(mode="last", width=1, aligned=True, aligned_top=4)
+  out = step_lib.prompted_batch(model, batch, cfg)
+  base = step_lib.prompted_batch(model, batch, step_lib.PromptConfig(mode="last", width=1, aligned=True))
+  scores = np.array(model.logits(model(*(batch[k] for k in step_lib.MODEL_INPUTS)), "tied"))
+  scores[..., 0] = -np.inf
+  slot = np.asarray(batch["gen_col"]) >= 0
+  assert slot.any()
+  for r, c in zip(*np.nonzero(slot), strict=True):
+    col = int(batch["gen_col"][r, c])
+    top4 = np.argsort(-scores[r, col], kind="stable")[:4]
+    extra = np.asarray(out["exclude"])[r, c, 1:]
+    assert sorted(extra.tolist()) == sorted(top4.tolist())
+    feedback = int(out["feedback"][r, c])
+    want = 0 if feedback in top4 else int(base["targets"][r, c])
+    assert int(out["targets"][r, c]) == want
+  np.testing.assert_array_equal(np.asarray(out["targets"])[~slot], np.asarray(base["targets"])[~slot])
+  with pytest.raises(ValueError, match="aligned_top needs prompt.source='top'"):
+    step_lib.prompted_batch(
+      model, batch, step_lib.PromptConfig(source="uniform", aligned=True, aligned_top=2), key=jax.random.key(0)
+    )
