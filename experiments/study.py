@@ -438,6 +438,7 @@ def grid_summary(results_root: pathlib.Path, replicates: int) -> dict:
       recs = [runs[grid_name(ds, recipe, s)] for s in seeds]
       summary["cells"][f"{ds}/{recipe}"] = {
         "seeds": seeds,
+        "selected_epochs": [r.get("epochs") for r in recs],
         **{
           m: {
             "mean": float(np.mean([r["test"][m] for r in recs])),
@@ -563,13 +564,19 @@ def grid_report(summary: dict) -> str:
     rows = [(r, cells[f"{ds}/{r}"]) for r in RECIPES if f"{ds}/{r}" in cells]
     if not rows:
       continue
-    lines += [f"## {ds}", "", "| recipe | seeds | " + " | ".join(REPORT_METRICS) + " |", "|---|---|" + "---|" * 4]
+    lines += [
+      f"## {ds}",
+      "",
+      "| recipe | seeds | " + " | ".join(REPORT_METRICS) + " | selected epoch per seed |",
+      "|---|---|" + "---|" * (len(REPORT_METRICS) + 1),
+    ]
     for r, cell in rows:
       vals = []
       for m in REPORT_METRICS:
         c = cell.get(m)
         vals.append("" if c is None else f"{c['mean']:.4f}" + (f" +- {c['sd']:.4f}" if c["sd"] is not None else ""))
-      lines.append(f"| {RECIPES[r].label or r} (`{r}`) | {len(cell['seeds'])} | " + " | ".join(vals) + " |")
+      epochs = ", ".join(str(e) for e in cell.get("selected_epochs", []))
+      lines.append(f"| {RECIPES[r].label or r} (`{r}`) | {len(cell['seeds'])} | " + " | ".join(vals) + f" | {epochs} |")
     best = max(rows, key=lambda rc: rc[1]["NDCG@10"]["mean"])
     hr_pub, ndcg_pub = PUBLISHED[ds]
     hr, ndcg = best[1]["HR@10"]["mean"], best[1]["NDCG@10"]["mean"]
