@@ -89,6 +89,7 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "grid: seeds.")
 _RUNS = flags.DEFINE_string("runs", "runs/study", "Where run workdirs go.")
 _RESULTS = flags.DEFINE_string("results", "experiments/results/study", "Where per-run JSON and the report go.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands of the runs still to do; run nothing.")
+_POINTS = flags.DEFINE_list("points", [], "tune: only these sweep points, in this order (default: all).")
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 2000, "report: bootstrap replicates of each paired comparison.")
 
 
@@ -187,11 +188,14 @@ def _flag_value(v) -> str:
   return str(v)
 
 
-def tune_runs(datasets, runs_root: pathlib.Path, results_root: pathlib.Path) -> list[RunSpec]:
-  """The sweep, point by point across datasets (every dataset gets its base first)."""
+def tune_runs(datasets, runs_root: pathlib.Path, results_root: pathlib.Path, only=None) -> list[RunSpec]:
+  """The sweep, point by point across datasets (every dataset gets its base first); ``only``: these points, in
+  this order."""
   runs = []
   points = [(p, o, datasets) for p, o in SWEEP.items()]
   points += [(p, o, [d for d in datasets if d in USER_SWEEP_DATASETS]) for p, o in USER_SWEEP.items()]
+  if only:
+    points = sorted((pt for pt in points if pt[0] in only), key=lambda pt: list(only).index(pt[0]))
   for point, overrides, point_datasets in points:
     for ds in point_datasets:
       settings = {**SWEEP_SETTINGS, **overrides, "seed": 0}
@@ -664,8 +668,11 @@ def main(argv):
     raise UserError(f"unknown recipe {bad[0]!r}; expected some of {', '.join(RECIPES)}")
   seeds = _seeds()
   runs_root, results_root = pathlib.Path(_RUNS.value), pathlib.Path(_RESULTS.value)
+  bad = [p for p in _POINTS.value if p not in SWEEP and p not in USER_SWEEP]
+  if bad:
+    raise UserError(f"unknown sweep point {bad[0]!r}; expected some of {', '.join([*SWEEP, *USER_SWEEP])}")
   if argv[1] == "tune":
-    execute(tune_runs(_DATASETS.value, runs_root, results_root), _DRY_RUN.value)
+    execute(tune_runs(_DATASETS.value, runs_root, results_root, _POINTS.value), _DRY_RUN.value)
   elif argv[1] == "grid":
     execute(grid_runs(_DATASETS.value, _RECIPES.value, seeds, runs_root, results_root), _DRY_RUN.value)
   elif argv[1] == "recall":

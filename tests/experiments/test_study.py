@@ -38,6 +38,15 @@ def test_bootstrap_carries_the_spread_between_seeds():
   assert lo < 0 < hi
 
 
+def test_tune_plan(tmp_path):
+  runs = study.tune_runs(["Beauty", "Yelp"], tmp_path, tmp_path)
+  names = [r.name for r in runs]
+  assert names[:2] == ["Beauty__base", "Yelp__base"] and "Yelp__user" not in names and "Beauty__user_l2_1" in names
+  only = study.tune_runs(["Beauty", "Yelp"], tmp_path, tmp_path, ["user", "lr2e-3"])
+  assert [r.name for r in only] == ["Beauty__user", "Beauty__lr2e-3", "Yelp__lr2e-3"]
+  assert dict(only[0].overrides) == {"train.patience": 5, "model.user_module": True, "seed": 0}
+
+
 def test_grid_plan_puts_parents_first(tmp_path):
   runs = study.grid_runs(["Beauty", "Yelp"], ["aligned", "authors_recgpt"], [0, 1], tmp_path / "r", tmp_path / "o")
   names = [r.name for r in runs]
@@ -123,6 +132,7 @@ def test_report_from_results_files(tmp_path):
     (["grid", "--datasets=Beauty,Movies"], "unknown dataset 'Movies'"),
     (["launch"], "usage: python -m experiments.study"),
     (["grid", "--bootstrap=many"], "bootstrap"),
+    (["tune", "--points=base,huge"], "unknown sweep point 'huge'"),
   ],
 )
 def test_bad_input_is_one_line_and_touches_nothing(tmp_path, args, message):
