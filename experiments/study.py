@@ -143,6 +143,19 @@ class RunSpec:
       )
     return True
 
+  def check_workdir(self) -> None:
+    """UserError when the run's workdir holds a run with another config: resuming it would report that run."""
+    saved = self.workdir() / "config.json"
+    if not saved.exists():
+      return
+    defaults = json.loads(base_config().to_json())
+    recorded = _training_fields(_merged(defaults, json.loads(saved.read_text())))
+    if recorded != self.expected_config():
+      differ = sorted(_diff(recorded, self.expected_config()))
+      raise UserError(
+        f"{self.workdir()} holds a run with another config ({', '.join(differ[:3])}); move it away to rerun it"
+      )
+
   def command(self) -> list[str]:
     return [
       sys.executable,
@@ -157,12 +170,20 @@ class RunSpec:
     ]
 
 
-# Config fields that name outputs, not what is trained.
+# Config fields that name outputs or set batching of evaluation and bookkeeping, not what is trained or measured.
 _OUTPUT_FIELDS = ("name", "results_dir", "tfds_data_dir", "init_from")
+_BOOKKEEPING_FIELDS = {
+  "train": ("checkpoint_every_steps", "keep_checkpoints", "log_every_steps"),
+  "eval": ("users_per_batch", "rows_per_batch"),
+}
 
 
 def _training_fields(config: dict) -> dict:
-  return {k: v for k, v in config.items() if k not in _OUTPUT_FIELDS}
+  out = {k: v for k, v in config.items() if k not in _OUTPUT_FIELDS}
+  for section, fields in _BOOKKEEPING_FIELDS.items():
+    if isinstance(out.get(section), dict):
+      out[section] = {k: v for k, v in out[section].items() if k not in fields}
+  return out
 
 
 def _merged(defaults: dict, values: dict) -> dict:
@@ -264,13 +285,15 @@ def execute(runs: list[RunSpec], dry_run: bool = False) -> None:
         continue
       if r.finished():  # finished by another runner since this one listed it
         continue
+      r.check_workdir()
       t0 = time.time()
       print(f"[{i + 1}/{len(todo)}] {r.name} ({r.stage}) -> {log}", flush=True)
       with open(log, "a") as f:
         f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
         f.flush()
         env = {**os.environ, "RECGPT_COMMAND": " ".join(["python", *cmd[1:]])}
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        # The trainer holds the lock too: a runner killed alone does not free a run still training.
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env, pass_fds=(lock.fileno(),))
     if rc != 0 or not r.result().exists():
       failed.append(r.name)
       print(f"    FAILED (exit {rc}; see {log})", flush=True)
@@ -667,7 +690,7 @@ def main(argv):
   if bad:
     raise UserError(f"unknown recipe {bad[0]!r}; expected some of {', '.join(RECIPES)}")
   seeds = _seeds()
-  runs_root, results_root = pathlib.Path(_RUNS.value), pathlib.Path(_RESULTS.value)
+  runs_root, results_root = pathlib.Path(_RUNS.value).resolve(), pathlib.Path(_RESULTS.value).resolve()
   bad = [p for p in _POINTS.value if p not in SWEEP and p not in USER_SWEEP]
   if bad:
     raise UserError(f"unknown sweep point {bad[0]!r}; expected some of {', '.join([*SWEEP, *USER_SWEEP])}")

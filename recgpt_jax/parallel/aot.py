@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -289,7 +290,9 @@ def train_program(b: Built, stage: str, rows_per_batch: int | None = None) -> Pr
   except ValueError as e:
     raise ConfigError(str(e)) from None
   adam = optim.adam_spec(c.optimizer, _NOMINAL_STEPS) if c.train.row_sparse else None
-  step_fn = step_lib.make_train_step(b.graphdef, b.tx, loss_cfg, prompt_cfg, b.mesh, adam=adam)
+  # Popularity prompts need the training-split item counts; only their shape matters to the compiler.
+  counts = np.ones(b.model_cfg.num_items + 1) if prompt_cfg is not None and prompt_cfg.source == "popularity" else None
+  step_fn = step_lib.make_train_step(b.graphdef, b.tx, loss_cfg, prompt_cfg, b.mesh, adam=adam, item_counts=counts)
   fn = step_lib.jit_train_step(step_fn, b.state_sharding, b.mesh)
   batch = train_batch(b.mesh, rows, c.train.row_len, prompt_cfg is not None)
   return Program(f"{stage}_step", fn, (b.abstract_state, batch), rows, c.train.row_len)

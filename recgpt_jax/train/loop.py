@@ -416,6 +416,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: s
   # Opened only now, inside the try that closes it: a start that fails (e.g. a bad warm start) must not leave
   # a TensorBoard writer whose atexit hook prints a traceback after the one-line error (Python 3.12).
   log = MetricsLog(wd) if primary else NullLog()
+  if meta["history"] == [meta["best"]] and meta["best"]["epoch"] == 0:  # a fresh warm start: log its epoch 0
+    log.write(meta["best"]["step"], {f"valid/{k}": v for k, v in meta["best"].items() if k not in ("epoch", "step")})
   try:
     while meta["epoch"] < c.train.num_epochs and not stop:
       state, meta, stop = _train_epoch(run, state, meta, log)
@@ -466,9 +468,11 @@ def _train_epoch(run: Run, state, meta: dict, log) -> tuple[Any, dict, bool]:
   if pending is not None:
     last_loss = report()
   if c.train.max_steps and step >= c.train.max_steps:
+    # The state trained so far is a candidate too (else a warm-started stage would report its starting model).
+    meta, _, note = _validate(run, state, meta, log)
     if run.ckpt.latest_step() != step:
       run.ckpt.save(state, {**meta, "iterator": it.get_state()})
-    print(f"stopped at train.max_steps={c.train.max_steps}", flush=True)
+    print(f"stopped at train.max_steps={c.train.max_steps}{note}", flush=True)
     return state, meta, True
   meta = {**meta, "epoch": epoch + 1, "iterator": None}
   line = f"epoch {epoch + 1}: loss {last_loss:.4f}, {window_tokens / max(time.time() - window_t0, 1e-9):,.0f} tokens/s"
@@ -553,11 +557,12 @@ def _final_report(run: Run, state, c, wd: pathlib.Path, wall_time: float | None,
   text = json.dumps(record, indent=2) + "\n"
   if not distributed.is_primary():
     return record
-  _atomic_write(wd / "results.json", text)
+  # The per-user file first: a results JSON is the mark of a finished run, so it must never lack one.
   _save_per_user(wd / PER_USER_FILE, per_user)
+  _atomic_write(wd / "results.json", text)
   if c.results_dir:
-    _atomic_write(pathlib.Path(c.results_dir) / f"{c.name}.json", text)
     _save_per_user(pathlib.Path(c.results_dir) / f"{c.name}.{PER_USER_FILE}", per_user)
+    _atomic_write(pathlib.Path(c.results_dir) / f"{c.name}.json", text)
   print(_format_metrics("valid", valid, run.metric_names))
   print(_format_metrics("test", test, run.metric_names))
   return record

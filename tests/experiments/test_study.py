@@ -74,7 +74,9 @@ def _fake_run(results: pathlib.Path, spec, test: dict, per_user: dict | None = N
     np.savez(results / "grid" / f"{spec.name}{study.PER_USER_SUFFIX}", **per_user)
 
 
-def test_finished_runs_are_skipped_and_stale_ones_refused(tmp_path):
+def test_finished_runs_are_skipped_and_stale_ones_refused(tmp_path, monkeypatch):
+  started = []
+  monkeypatch.setattr(study.subprocess, "call", lambda cmd, **kw: started.append(cmd) or 1)
   runs = study.grid_runs(["Beauty"], ["ce"], [0], tmp_path / "r", tmp_path / "o")
   assert not runs[0].finished()
   _fake_run(tmp_path / "o", runs[0], {"HR@10": 0.1})
@@ -88,6 +90,20 @@ def test_finished_runs_are_skipped_and_stale_ones_refused(tmp_path):
   with pytest.raises(UserError, match="model.hidden: 32 != 64"):
     study.execute(runs)
   assert runs[0].result().read_bytes() == before
+  # Bookkeeping fields do not make a result stale.
+  record["recipe"]["config"]["model"]["hidden"] = 64
+  record["recipe"]["config"]["train"]["checkpoint_every_steps"] = 7
+  runs[0].result().write_text(json.dumps(record))
+  assert runs[0].finished()
+  # A workdir left by a run with another config is refused before anything starts (it would be resumed).
+  runs[0].result().unlink()
+  runs[0].workdir().mkdir(parents=True)
+  config = runs[0].config()
+  config.optimizer.learning_rate = 0.01
+  (runs[0].workdir() / "config.json").write_text(config.to_json())
+  with pytest.raises(UserError, match="holds a run with another config .*learning_rate"):
+    study.execute(runs)
+  assert started == []
 
 
 def test_report_from_results_files(tmp_path):

@@ -146,3 +146,14 @@ def test_prompt_tuning_runs_with_every_prompt_setting(dataset, pretrained, tmp_p
   np.testing.assert_array_equal(run.item_counts, counts)
   record = loop.train_and_evaluate(cfg, str(tmp_path / "pt"), "prompt_tune")
   assert record["test"]["HR@10"] > 0.8, record["test"]
+
+
+def test_a_stage_stopped_by_max_steps_validates_its_last_state(dataset, tmp_path):
+  """Stopped mid-epoch by train.max_steps, the trained state is a candidate too: it beats the weak start."""
+  weak = tmp_path / "weak"
+  loop.train_and_evaluate(tiny_config(dataset, **{"train.max_steps": 1}), str(weak))
+  cfg = tiny_config(dataset, **{"init_from": str(weak), "train.max_steps": 12})
+  record = loop.train_and_evaluate(cfg, str(tmp_path / "fine"), "finetune")
+  assert record["best_step"] == 12
+  start = json.loads((weak / "results.json").read_text())
+  assert record["valid"]["NDCG@10"] > start["valid"]["NDCG@10"]
