@@ -16,7 +16,7 @@ experiments/configs/beauty_pretrain_ce.py.
 
 import dataclasses
 
-from recgpt_jax.config import base_config
+from experiments.configs import beauty_pretrain_ce
 
 DATASETS = ("Beauty", "Sports_and_Outdoors", "Toys_and_Games", "Yelp")
 
@@ -104,23 +104,11 @@ RECIPES: dict[str, Recipe] = {
 
 
 def base(dataset: str):
-  """The untuned baseline: the Beauty cross-entropy recipe on ``dataset``."""
-  c = base_config()
+  """The untuned baseline: the Beauty cross-entropy recipe (experiments/configs/beauty_pretrain_ce.py) on
+  ``dataset``."""
+  c = beauty_pretrain_ce.get_config()
   c.name = f"{dataset}_ce"
   c.dataset = dataset
-  c.model.hidden = 64
-  c.model.num_layers = 2
-  c.model.num_heads = 2
-  c.model.ffn = 256
-  c.model.attention = "softmax"
-  c.model.attn_dropout = 0.5
-  c.model.hidden_dropout = 0.5
-  c.model.user_module = False
-  c.train.loss = "ce"
-  c.train.num_epochs = 200
-  c.train.patience = 10
-  c.optimizer.learning_rate = 1e-3
-  c.recall.quotas = (20,)
   return c
 
 
