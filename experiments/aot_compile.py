@@ -56,7 +56,8 @@ from recgpt_jax.errors import UserError  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Beauty, the default catalogue (recgpt_jax/data/bundled/README.md): 12,101 items, 22,363 users; its test-set
-# histories are at most 204 items, so evaluation batches have 208 history columns (packing.history_width).
+# histories are at most 204 items: 208 history columns, the set-wide width the recorded results were compiled with
+# (packing.history_width now gives each evaluation batch its own width, 8 * 2**j: 64 to 256 on Beauty).
 BEAUTY_ITEMS, BEAUTY_USERS, BEAUTY_HISTORY = 12_101, 22_363, 208
 # Packed-row positions per training user on Beauty (first-fit packing of its 22,363 training windows, measured:
 # 8.57 users per 50-position row, 33.9 per 200-position row): turns rows into an estimate of users per step.

@@ -24,7 +24,7 @@ import numpy as np
 from recgpt_jax import errors
 from recgpt_jax.data import split
 
-# The history (exclusion set) width of evaluation batches is rounded up to a multiple of this.
+# The history (exclusion set) width of an evaluation batch is this times a power of two (see history_width).
 HISTORY_MULTIPLE = 8
 
 
@@ -155,9 +155,18 @@ def scatter_rows(
 
 
 def history_width(histories: Sequence[np.ndarray]) -> int:
-  """Width ``H`` of the history arrays: the longest history rounded up to ``HISTORY_MULTIPLE``."""
+  """Width ``H`` of one batch's history array: ``HISTORY_MULTIPLE * 2**j``, the smallest that holds the longest of
+  ``histories``.
+
+  Each batch gets its own width, so one user with a long history widens only their own batch, never the whole
+  set; the power-of-two ladder keeps the number of distinct batch shapes (one compilation each) logarithmic in
+  the longest history, and every batch within 2x of its own need.
+  """
   longest = max((len(h) for h in histories), default=0)
-  return max(HISTORY_MULTIPLE, -(-longest // HISTORY_MULTIPLE) * HISTORY_MULTIPLE)
+  width = HISTORY_MULTIPLE
+  while width < longest:
+    width *= 2
+  return width
 
 
 def pack_eval_batches(
@@ -181,12 +190,12 @@ def pack_eval_batches(
   Returns:
     One dict per batch with int32 arrays ``items``, ``positions``, ``segments``, ``seq_ids``, ``users``
     of shape ``[R, row_len]``; ``last_row``, ``last_col`` (where each slot's last window item sits) and
-    ``answer`` (0 = empty slot) of shape ``[U_b]``; ``history`` ``[U_b, H]`` right-padded with 0, with
-    ``H`` fixed for the whole set (see ``history_width``).
+    ``answer`` (0 = empty slot) of shape ``[U_b]``; ``history`` ``[U_b, H_b]`` right-padded with 0, with
+    ``H_b`` the batch's own width (``history_width`` of the batch's histories: the padding is never scored, so
+    the width does not change any result).
   """
   lengths = np.array([len(w) for w in eval_set.windows], dtype=np.int64)  # [U]
   place = first_fit(lengths, row_len=row_len, rows_per_batch=rows_per_batch, users_per_batch=users_per_batch)
-  width = history_width(eval_set.histories)
   users = np.asarray(eval_set.users, dtype=np.int32)  # [U]
   answers = np.asarray(eval_set.answers, dtype=np.int32)  # [U]
   batches = []
@@ -206,7 +215,7 @@ def pack_eval_batches(
     last_row = np.zeros(users_per_batch, dtype=np.int32)  # [U_b]
     last_col = np.zeros(users_per_batch, dtype=np.int32)  # [U_b]
     answer = np.zeros(users_per_batch, dtype=np.int32)  # [U_b]
-    history = np.zeros((users_per_batch, width), dtype=np.int32)  # [U_b, H]
+    history = np.zeros((users_per_batch, history_width(eval_set.histories[lo:hi])), dtype=np.int32)  # [U_b, H_b]
     last_row[:k] = place.row[lo:hi]
     last_col[:k] = place.col[lo:hi] + lengths[lo:hi] - 1
     answer[:k] = answers[lo:hi]

@@ -115,18 +115,17 @@ def test_pack_eval_batches(stage):
   max_len, row_len, rows, slots = 20, 32, 6, 40
   eval_set = split.make_eval_set(users, sequences, stage, max_len)
   batches = packing.pack_eval_batches(eval_set, row_len=row_len, rows_per_batch=rows, users_per_batch=slots)
-  width = packing.history_width(eval_set.histories)
-  assert width % 8 == 0 and width >= max(len(h) for h in eval_set.histories)
-
   seen = 0  # Users must come in eval-set order.
   for batch in batches:
+    num = int(np.count_nonzero(batch["answer"]))
+    width = packing.history_width(eval_set.histories[seen : seen + num])  # the batch's own width
+    assert width % 8 == 0 and width >= max(len(h) for h in eval_set.histories[seen : seen + num])
     for key in ("items", "positions", "segments", "seq_ids", "users"):
       assert batch[key].shape == (rows, row_len) and batch[key].dtype == np.int32
     for key in ("last_row", "last_col", "answer"):
       assert batch[key].shape == (slots,) and batch[key].dtype == np.int32
     assert batch["history"].shape == (slots, width)
     assert not batch["segments"].any()
-    num = int(np.count_nonzero(batch["answer"]))
     assert batch["answer"][:num].all() and not batch["answer"][num:].any()  # Filled slots come first.
     assert not batch["history"][num:].any() and not batch["last_row"][num:].any()
     assert num == sum(len(row_segments(r)) for r in batch["seq_ids"])
@@ -164,3 +163,56 @@ def test_pack_eval_batches_slot_limit_closes_batch():
 
 def test_real_fraction_empty():
   assert packing.real_fraction([]) == 0.0
+
+
+def eval_set_with(histories: list[np.ndarray], max_len: int = 12) -> split.EvalSet:
+  """An evaluation set whose windows are those of ``histories_of()`` (only the exclusion histories vary)."""
+  rng = np.random.default_rng(1)
+  return split.EvalSet(
+    users=(np.arange(len(histories)) % 8 + 1).astype(np.int32),
+    windows=[h[-max_len:] for h in histories_of(len(histories))],
+    answers=rng.integers(1, 31, len(histories)).astype(np.int32),
+    histories=histories,
+  )
+
+
+def histories_of(num_users: int = 40, long_user: int | None = None, long_len: int = 500) -> list[np.ndarray]:
+  rng = np.random.default_rng(0)
+  histories = [rng.integers(1, 31, rng.integers(1, 13)).astype(np.int32) for _ in range(num_users)]
+  if long_user is not None:  # a 500-item history (of items 1..10) ending with the user's own
+    own = histories[long_user]
+    histories[long_user] = np.concatenate([rng.integers(1, 11, long_len - len(own)), own]).astype(np.int32)
+  return histories
+
+
+def test_history_width_ladder():
+  assert [packing.history_width([np.zeros(n)]) for n in (0, 1, 8, 9, 16, 17, 204, 5000)] == [
+    8,
+    8,
+    8,
+    16,
+    16,
+    32,
+    256,
+    8192,
+  ]
+
+
+def test_one_long_history_widens_only_its_own_batch():
+  """One user with a 500-item history: only their batch's history array widens (it used to widen every batch)."""
+  kw = {"row_len": 16, "rows_per_batch": 4, "users_per_batch": 8}
+  plain = packing.pack_eval_batches(eval_set_with(histories_of()), **kw)
+  long_set = eval_set_with(histories_of(long_user=13))
+  batches = packing.pack_eval_batches(long_set, **kw)
+  assert len(batches) == len(plain) > 3
+  owner = next(b for b, batch in enumerate(batches) if (batch["history"] != 0).sum(axis=1).max() == 500)
+  assert batches[owner]["history"].shape == (8, 512)
+  for b, (got, want) in enumerate(zip(batches, plain, strict=True)):
+    for key in want:
+      if b == owner and key == "history":
+        continue
+      np.testing.assert_array_equal(got[key], want[key], err_msg=f"batch {b} {key}")
+  assert all(b["history"].shape == (8, 16) for i, b in enumerate(batches) if i != owner)
+  total = sum(b["history"].nbytes for b in batches)
+  set_wide = len(batches) * 8 * 504 * 4  # the old layout: every batch as wide as the longest history
+  assert total < set_wide / 3

@@ -4,8 +4,11 @@ import jax
 import numpy as np
 import pytest
 
+from recgpt_jax.data import packing
+from recgpt_jax.eval import metrics
 from recgpt_jax.eval.metrics import exclude_items
 from recgpt_jax.recall import decoder
+from tests.data.test_packing import eval_set_with, histories_of
 from tests.model.test_decode import HISTORIES, eval_batch, full_model_outputs, noisy_model
 
 KINDS = ["flow", "softmax"]
@@ -83,3 +86,24 @@ def test_bad_quotas():
   for quotas in [(), (3, 0)]:
     with pytest.raises(ValueError, match="quotas"):
       decoder.make_recall_fn(graphdef, quotas)
+
+
+def test_per_batch_history_width_keeps_results():
+  """Evaluation batches each as wide as their own longest history (one user has 500 items) give the metrics and
+  recalled items of the same batches all padded to the widest, exactly."""
+  _, graphdef, params = noisy_model("softmax", "post")
+  batches = packing.pack_eval_batches(
+    eval_set_with(histories_of(long_user=13)), row_len=16, rows_per_batch=4, users_per_batch=8
+  )
+  widest = max(b["history"].shape[1] for b in batches)
+  padded = [{**b, "history": np.pad(b["history"], ((0, 0), (0, widest - b["history"].shape[1])))} for b in batches]
+  assert len({b["history"].shape for b in batches}) == 2
+  step = metrics.make_eval_step(graphdef, (5, 10), per_user=True)
+  got, want = metrics.evaluate_per_user(step, params, batches), metrics.evaluate_per_user(step, params, padded)
+  assert got.keys() == want.keys()
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  recall_fn = decoder.make_recall_fn(graphdef, (4, 3))
+  got, want = decoder.recall_all(recall_fn, params, batches), decoder.recall_all(recall_fn, params, padded)
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
