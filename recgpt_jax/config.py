@@ -141,6 +141,25 @@ def eval_head(c: ml_collections.ConfigDict) -> str:
   return c.eval.head or c.train.head
 
 
+def recall_k(c: ml_collections.ConfigDict) -> int:
+  """``K = sum(recall.quotas)``: the items recalled (evaluated, recommended) per user."""
+  return int(sum(c.recall.quotas))
+
+
+def check_catalogue(c: ml_collections.ConfigDict, num_items: int) -> None:
+  """Raises ConfigError (one line) when a catalogue of ``num_items`` items is too small for ``c``.
+
+  Evaluation and recommendations recall ``K = sum(recall.quotas)`` distinct items per user, so the catalogue
+  needs at least ``K`` items. Called once the data is loaded (``stages.Stage.check``), before any training.
+  """
+  k = recall_k(c)
+  if num_items < k:
+    raise ConfigError(
+      f"the data has {num_items} items, fewer than the K = sum(recall.quotas) = {k} that evaluation recalls per"
+      f" user; set --config.recall.quotas to at most {num_items} items in all"
+    )
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError (one line) for values no run could use."""
   from recgpt_jax.model import attention, precision  # jax/flax load after flag parsing, not with the config
@@ -176,8 +195,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   need(c.train.row_len >= c.max_len, f"train.row_len ({c.train.row_len}) must be >= max_len ({c.max_len})")
   need(c.train.rows_per_batch >= 1, f"train.rows_per_batch must be >= 1, got {c.train.rows_per_batch}")
   need(c.train.num_epochs >= 1, f"train.num_epochs must be >= 1, got {c.train.num_epochs}")
-  need(c.train.checkpoint_every_steps >= 1, "train.checkpoint_every_steps must be >= 1")
-  need(c.train.eval_every_epochs >= 1, "train.eval_every_epochs must be >= 1")
+  need(c.train.max_steps >= 0, f"train.max_steps must be >= 0 (0 = no limit), got {c.train.max_steps}")
+  for name in ("checkpoint_every_steps", "eval_every_epochs", "keep_checkpoints", "log_every_steps"):
+    need(c.train[name] >= 1, f"train.{name} must be >= 1, got {c.train[name]}")
+  need(c.train.patience >= 0, f"train.patience must be >= 0 (0 = off), got {c.train.patience}")
   need(
     c.train.loss in ("ce", "bce", "sampled_softmax"),
     f"train.loss must be ce, bce or sampled_softmax, got {c.train.loss!r}",

@@ -485,7 +485,7 @@ def _guess_format(path: str) -> str:
     return "interactions"
   raise DataError(
     f"{path}: cannot tell the format from the file name (expected .txt, .csv or .tsv, optionally .gz); "
-    "pass format='text' or format='interactions'"
+    "pass --config.data_format=text or --config.data_format=interactions (format= in load_dataset)"
   )
 
 

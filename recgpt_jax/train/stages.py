@@ -19,6 +19,7 @@ import dataclasses
 
 import ml_collections
 
+from recgpt_jax import config as config_lib
 from recgpt_jax.errors import ConfigError
 from recgpt_jax.train import step as step_lib
 
@@ -53,7 +54,12 @@ class Stage:
     return "p_targets" if self.prompted else "targets"
 
   def check(self, config: ml_collections.ConfigDict, num_items: int) -> None:
-    """Raises ConfigError (one line) when this stage cannot run with ``config`` on a catalogue of ``num_items``."""
+    """Raises ConfigError (one line) when this stage cannot run with ``config`` on a catalogue of ``num_items``.
+
+    Called by ``loop.build_data`` as soon as the data is loaded, so before any training (and before evaluation
+    or recommendations, which build the same run).
+    """
+    config_lib.check_catalogue(config, num_items)
     if self.needs_init and not config.init_from:
       raise ConfigError(f"--mode={self.name} starts from a trained model: set --config.init_from=<workdir>")
     if self.prompted and num_items <= config.max_len * (config.prompt.width + 1):

@@ -391,8 +391,9 @@ def test_load_id_maps_errors(tmp_path):
 def test_load_dataset_format_selection(tmp_path):
   text_path = _write(tmp_path / "seqs.dat", "1 2 3\n")
   _assert_sequences(data_io.load_dataset(str(text_path), format="text"), [[2, 3]])
-  with pytest.raises(DataError, match="cannot tell the format"):
+  with pytest.raises(DataError, match="cannot tell the format") as e:
     data_io.load_dataset(str(text_path))
+  assert "--config.data_format=text" in str(e.value) and "format='text'" not in str(e.value)  # names the flag
   with pytest.raises(ConfigError, match="unknown data format"):
     data_io.load_dataset(str(text_path), format="parquet")
   with pytest.raises(ConfigError, match="only apply to interaction logs"):
