@@ -17,6 +17,10 @@ class ConfigError(UserError, ValueError):
   """An invalid configuration value or combination of values."""
 
 
+class RequestError(UserError, ValueError):
+  """An invalid serving request: an unknown or malformed user or item id, a bad export destination."""
+
+
 def parse_flags_or_exit(argv: list[str]) -> list[str]:
   """absl ``flags_parser`` of the command-line programs: any bad flag, config file or config field is one line on
   stderr and exit code 2 (``app.run(main, flags_parser=parse_flags_or_exit)``)."""
@@ -29,5 +33,8 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
   except (AttributeError, KeyError, TypeError, ValueError, OSError, SyntaxError) as e:
     # ml_collections raises these for an unknown --config.<field> or an unloadable config file.
     message = f"bad --config: {str(e).strip(chr(34)).strip(chr(39))}"
+  except Exception as e:  # noqa: BLE001 (the config file is executed while the flags are parsed: anything it raises)
+    detail = " ".join(str(e).split())
+    message = f"cannot load --config: {type(e).__name__}{': ' + detail if detail else ''}"
   print(f"error: {message.splitlines()[0] if message else 'bad flags'} (see --helpshort)", file=sys.stderr)
   sys.exit(2)

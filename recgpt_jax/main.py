@@ -16,6 +16,7 @@ one line with exit code 2.
 from __future__ import annotations
 
 import os
+import pathlib
 import sys
 
 from absl import app, flags, logging
@@ -58,18 +59,28 @@ def _recommend(config) -> None:
 
   if not (_USERS.value or _HISTORY.value or _EXPORT.value):
     raise UserError("--mode=recommend needs --users, --history or --export")
+  for h in _HISTORY.value:
+    if not [x for x in h.replace(" ", ",").split(",") if x.strip()]:
+      raise UserError(f"--history={h!r} has no item ids; give 'i1,i2,...'")
+  if _EXPORT.value:
+    recommend.check_export_path(_EXPORT.value)  # before anything is computed
+  rec = recommend.Recommender(config, _WORKDIR.value)
+  # --users and --history take the ids of the data file (raw ids of an interaction log), as printed below.
+  users = [rec.parse_user(u) for u in _USERS.value]
   histories = []
   for h in _HISTORY.value:
     try:
-      histories.append([int(x) for x in h.replace(" ", ",").split(",") if x])
-    except ValueError:
-      raise UserError(f"--history={h!r}: item ids must be integers separated by commas") from None
-  rec = recommend.Recommender(config, _WORKDIR.value)
+      histories.append([rec.parse_item(x) for x in h.replace(" ", ",").split(",") if x.strip()])
+    except UserError as e:
+      raise UserError(f"--history={h!r}: {e}") from None
   results = []
-  if _USERS.value:
-    results.append(rec.for_users(_USERS.value))
+  if users:
+    results.append(rec.for_users(users))
   if histories:
-    results.append(rec.for_histories(histories))
+    try:
+      results.append(rec.for_histories(histories))
+    except UserError as e:
+      raise UserError(f"--history: {e}") from None
   for r in results:
     for i, (u, items, scores, steps) in enumerate(zip(r.users, r.items, r.scores, r.steps, strict=True)):
       who = f"user {rec.raw_user(int(u))}" if u else f"history {i + 1}"
@@ -82,9 +93,21 @@ def _recommend(config) -> None:
     print(f"wrote recommendations of {n} users to {_EXPORT.value}")
 
 
+def _check_workdir(workdir: str) -> None:
+  """A --workdir that exists must be a directory, and one that does not must be creatable (no file above it)."""
+  path = pathlib.Path(workdir)
+  for parent in (path, *path.parents):
+    if parent.exists():
+      if not parent.is_dir():
+        what = "is a file" if parent == path else f"is below the file {parent}"
+        raise UserError(f"--workdir={workdir} {what}, not a directory")
+      return
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    print(f"error: unexpected arguments: {' '.join(argv[1:])} (flags take the form --name=value)", file=sys.stderr)
+    sys.exit(2)
   logging.set_verbosity(logging.WARNING)
   from recgpt_jax import allocator
 
@@ -108,6 +131,7 @@ def main(argv: list[str]) -> None:
     joined = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
     if joined and not distributed.is_primary():  # process 0 reports; the others only print errors
       sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+    _check_workdir(_WORKDIR.value)
     if _MODE.value in loop.TRAIN_STAGES:
       loop.train_and_evaluate(config, _WORKDIR.value, _MODE.value)
     elif _MODE.value == "evaluate":

@@ -54,3 +54,46 @@ def tiny_config(dataset: pathlib.Path, **overrides):
       target = target[p]
     target[leaf] = value
   return c
+
+
+class CliWorker:
+  """Runs command lines (``python -m recgpt_jax.main ARGS``) in one long-lived worker process (tests/cli_worker.py):
+  the same parsing, exit codes and stdout/stderr as a fresh process, without seconds of start-up per command.
+
+  ``worker(*args)`` returns a ``subprocess.CompletedProcess`` (``returncode``, ``stdout``, ``stderr``).
+  """
+
+  def __init__(self, root: pathlib.Path, env: dict[str, str] | None = None):
+    import subprocess
+    import sys
+    import tempfile
+
+    self._log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in close(); the worker's own stderr)
+    self._proc = subprocess.Popen(
+      [sys.executable, "-m", "tests.cli_worker"],
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      stderr=self._log,
+      text=True,
+      cwd=root,
+      env=env,
+    )
+
+  def __call__(self, *args):
+    import json
+    import subprocess
+
+    args = [str(a) for a in args]
+    self._proc.stdin.write(json.dumps(args) + "\n")
+    self._proc.stdin.flush()
+    line = self._proc.stdout.readline()
+    if not line:
+      self._log.seek(0)
+      raise RuntimeError(f"the CLI worker died on {args}: {self._log.read()[-2000:]}")
+    reply = json.loads(line)
+    return subprocess.CompletedProcess(args, reply["rc"], reply["stdout"], reply["stderr"])
+
+  def close(self) -> None:
+    self._proc.stdin.close()
+    self._proc.wait(timeout=60)
+    self._log.close()

@@ -177,3 +177,46 @@ def test_failed_prompt_tuning_start_is_one_line(tmp_path):
     *TINY,
   )
   assert_one_line_error(proc, "init_from", "no_such_run")
+
+
+@pytest.mark.parametrize(
+  ("source", "fragments"),
+  [
+    ("import no_such_module_xyz\n", ["ModuleNotFoundError", "no_such_module_xyz"]),
+    ("def get_config():\n  return undefined_name\n", ["NameError", "undefined_name"]),
+    ("raise RuntimeError('boom')\n", ["RuntimeError", "boom"]),
+    ("def get_config():\n  return 1 / 0\n", ["ZeroDivisionError"]),
+  ],
+)
+def test_config_file_that_raises_is_one_line(tmp_path, cli_worker, source, fragments):
+  """The config file is executed while the flags are parsed: whatever it raises used to be a traceback."""
+  (tmp_path / "bad_config.py").write_text(source)
+  proc = cli_worker(f"--config={tmp_path / 'bad_config.py'}", f"--workdir={tmp_path / 'run'}")
+  assert_one_line_error(proc, "cannot load --config", *fragments)
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "evaluate", "recommend"])
+def test_workdir_that_is_a_file(tmp_path, cli_worker, mode):
+  (tmp_path / "a_file").write_text("not a run\n")
+  for workdir, fragment in ((tmp_path / "a_file", "is a file"), (tmp_path / "a_file" / "run", "is below the file")):
+    proc = cli_worker(f"--config={DEFAULT_CONFIG}", f"--workdir={workdir}", f"--mode={mode}", "--users=1")
+    assert_one_line_error(proc, str(workdir), fragment)
+  assert (tmp_path / "a_file").read_text() == "not a run\n"
+
+
+def test_extra_positional_argument_is_one_line(tmp_path):
+  """A stray positional argument used to print absl's 39-line usage text (a real process: absl's app.run path)."""
+  proc = cli(f"--config={DEFAULT_CONFIG}", f"--workdir={tmp_path / 'run'}", "pretrain")
+  assert_one_line_error(proc, "unexpected arguments: pretrain")
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.xfail(reason="--mode=evaluate creates <W>/best and <W>/checkpoints first: the fix belongs in loop.py")
+def test_evaluate_on_a_missing_workdir_creates_nothing(tmp_path, cli_worker):
+  data = write_cyclic_dataset(tmp_path / "d.txt")
+  proc = cli_worker(
+    f"--config={DEFAULT_CONFIG}", f"--workdir={tmp_path / 'none'}", f"--config.dataset={data}", *TINY, "--mode=evaluate"
+  )
+  assert_one_line_error(proc, "no checkpoint")
+  assert not (tmp_path / "none").exists()
