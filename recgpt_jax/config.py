@@ -162,14 +162,18 @@ def check_catalogue(c: ml_collections.ConfigDict, num_items: int) -> None:
 
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError (one line) for values no run could use."""
+  from recgpt_jax.data import io
   from recgpt_jax.model import attention, precision  # jax/flax load after flag parsing, not with the config
-  from recgpt_jax.train import prompts
+  from recgpt_jax.train import optim, prompts
 
   def need(cond: bool, msg: str):
     if not cond:
       raise ConfigError(msg)
 
   need(c.max_len >= 1, f"max_len must be >= 1, got {c.max_len}")
+  need(c.seed >= 0, f"seed must be >= 0, got {c.seed}")
+  need(c.k_core >= 0, f"k_core must be >= 0 (0 = off), got {c.k_core}")
+  need(c.data_format in io.FORMATS, f"data_format must be one of {io.FORMATS}, got {c.data_format!r}")
   m = c.model
   need(m.attention in ("softmax", "flow"), f"model.attention must be 'softmax' or 'flow', got {m.attention!r}")
   precision.to_dtype(m.dtype, "model.dtype")
@@ -206,7 +210,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
   need(c.train.user_l2 >= 0, f"train.user_l2 must be >= 0, got {c.train.user_l2}")
   need(c.train.head in ("tied", "untied"), f"train.head must be 'tied' or 'untied', got {c.train.head!r}")
   need(c.train.head == "tied" or c.model.untied_head, "train.head='untied' needs model.untied_head=True")
-  need(c.optimizer.learning_rate > 0, f"optimizer.learning_rate must be > 0, got {c.optimizer.learning_rate}")
+  need(c.train.num_negatives >= 1, f"train.num_negatives must be >= 1, got {c.train.num_negatives}")
+  o = c.optimizer
+  need(o.learning_rate > 0, f"optimizer.learning_rate must be > 0, got {o.learning_rate}")
+  need(o.schedule in optim.SCHEDULES, f"optimizer.schedule must be one of {optim.SCHEDULES}, got {o.schedule!r}")
+  for name in ("warmup_steps", "weight_decay", "clip_norm"):
+    need(o[name] >= 0, f"optimizer.{name} must be >= 0, got {o[name]}")
+  for name in ("b1", "b2"):
+    need(0 <= o[name] < 1, f"optimizer.{name} must be in [0, 1), got {o[name]}")
+  need(o.eps > 0, f"optimizer.eps must be > 0, got {o.eps}")
   need(c.eval.head in ("", "tied", "untied"), f"eval.head must be '', 'tied' or 'untied', got {c.eval.head!r}")
   need(c.eval.head != "untied" or c.model.untied_head, "eval.head='untied' needs model.untied_head=True")
   need(c.eval.users_per_batch >= 1 and c.eval.rows_per_batch >= 1, "eval batch sizes must be >= 1")

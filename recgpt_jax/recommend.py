@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import os
 import pathlib
 import re
@@ -24,8 +25,9 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
+from recgpt_jax import config as config_lib
 from recgpt_jax.data import packing, split
-from recgpt_jax.errors import RequestError, UserError
+from recgpt_jax.errors import ConfigError, RequestError, UserError
 from recgpt_jax.recall import decoder
 from recgpt_jax.train import loop
 
@@ -92,6 +94,26 @@ def check_run_dir(workdir: str | os.PathLike) -> pathlib.Path:
   return wd
 
 
+def check_model_compatible(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
+  """Raises ConfigError unless the run in ``workdir`` (its ``config.json``) has the data and architecture of
+  ``config``, so that its model can be restored with it; reads only."""
+  wd = pathlib.Path(workdir)
+  try:
+    old = json.loads((wd / "config.json").read_text())
+  except FileNotFoundError:
+    raise UserError(f"workdir {wd} holds checkpoints but no config.json; cannot check its model") from None
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise UserError(f"{wd / 'config.json'} is unreadable ({type(e).__name__}); cannot check its model") from None
+  if not isinstance(old, dict):
+    raise UserError(f"{wd / 'config.json'} is not a JSON object; cannot check its model")
+  field, differ = loop._incompatible(old, json.loads(config.to_json()))  # the rule training and evaluation apply
+  if field:
+    more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+    raise ConfigError(
+      f"workdir {wd} holds a run with a different {field} ({', '.join(differ[:3])}{more}); use the run's own config"
+    )
+
+
 def check_export_path(path: str | os.PathLike) -> pathlib.Path:
   """Raises RequestError when recommendations cannot be written to ``path`` (checked before computing them).
 
@@ -121,15 +143,22 @@ class Recommender:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, batch_users: int = 1024):
-    check_run_dir(workdir)  # before loop.Run, whose checkpoint managers create best/ and checkpoints/
+    # Both before loop.Run: its checkpoint managers create best/ and checkpoints/, and restoring a model of
+    # another architecture must be refused, never attempted.
+    check_run_dir(workdir)
+    config_lib.validate(config)
+    check_model_compatible(config, workdir)
     self.run = loop.Run(config, workdir)
     ckpt = self.run.ckpt
-    if ckpt.has_best():
-      self.params, _ = ckpt.restore_best(self.run.state.params)
-    elif ckpt.latest_step() is not None:
-      self.params = ckpt.restore(self.run.state)[0].params
-    else:
-      raise UserError(f"no checkpoint in {self.run.workdir}; train a model there first")
+    try:
+      if ckpt.has_best():
+        self.params, _ = ckpt.restore_best(self.run.state.params)
+      elif ckpt.latest_step() is not None:
+        self.params = ckpt.restore(self.run.state)[0].params
+      else:
+        raise UserError(f"no checkpoint in {self.run.workdir}; train a model there first")
+    finally:
+      ckpt.close()  # only the parameters are needed: release the checkpoint managers (and their threads)
     self.quotas = tuple(config.recall.quotas)
     self.fn = decoder.make_recall_fn(self.run.graphdef, self.quotas, self.run.head, self.run.mesh)
     self.batch_users = batch_users

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from recgpt_jax import recommend
-from recgpt_jax.errors import RequestError, UserError
+from recgpt_jax.errors import ConfigError, RequestError, UserError
 from recgpt_jax.train import loop
 from tests.helpers import tiny_config, write_cyclic_dataset
 from tests.test_cli import DEFAULT_CONFIG, TINY, assert_one_line_error, cli, snapshot
@@ -107,6 +107,18 @@ def test_recommender_needs_a_run_directory_and_creates_nothing(served, tmp_path,
   args = [a for a in cli_args(served) if not a.startswith("--workdir")]
   assert_one_line_error(cli_worker(*args, f"--workdir={tmp_path / 'none'}", "--users=1"), "no checkpoint", "none")
   assert not (tmp_path / "none").exists()
+
+
+def test_recommender_refuses_a_model_of_another_config_without_touching_it(served):
+  """Checked before anything is restored (a restore of other shapes could be taken for a corrupt checkpoint)."""
+  _, workdir, cfg = served
+  before = snapshot(workdir)
+  other = tiny_config(cfg.dataset, **{"train.num_epochs": 3, "recall.quotas": (8, 4), "model.hidden": 32})
+  with pytest.raises(ConfigError, match=r"holds a run with a different model \(hidden: 16 != 32\)"):
+    recommend.Recommender(other, workdir)
+  with pytest.raises(ConfigError, match="train.log_every_steps must be >= 1"):
+    recommend.Recommender(tiny_config(cfg.dataset, **{"train.log_every_steps": 0}), workdir)
+  assert snapshot(workdir) == before
 
 
 def test_requests_are_validated(served):
