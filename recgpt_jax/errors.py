@@ -32,7 +32,10 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
     message = str(e)
   except (AttributeError, KeyError, TypeError, ValueError, OSError, SyntaxError) as e:
     # ml_collections raises these for an unknown --config.<field> or an unloadable config file.
-    message = f"bad --config: {str(e).strip(chr(34)).strip(chr(39))}"
+    detail = " ".join(str(e).split())
+    if len(detail) >= 2 and detail[0] == detail[-1] and detail[0] in "'\"":  # a KeyError's quoted message
+      detail = detail[1:-1]
+    message = f"bad --config: {detail}"
   except Exception as e:  # noqa: BLE001 (the config file is executed while the flags are parsed: anything it raises)
     detail = " ".join(str(e).split())
     message = f"cannot load --config: {type(e).__name__}{': ' + detail if detail else ''}"

@@ -70,17 +70,14 @@ def _recommend(config) -> None:
   histories = []
   for h in _HISTORY.value:
     try:
-      histories.append([rec.parse_item(x) for x in h.replace(" ", ",").split(",") if x.strip()])
+      histories.append([rec.item_id(rec.parse_item(x)) for x in h.replace(" ", ",").split(",") if x.strip()])
     except UserError as e:
       raise UserError(f"--history={h!r}: {e}") from None
   results = []
   if users:
     results.append(rec.for_users(users))
   if histories:
-    try:
-      results.append(rec.for_histories(histories))
-    except UserError as e:
-      raise UserError(f"--history: {e}") from None
+    results.append(rec.for_histories(histories, dense=True))
   for r in results:
     for i, (u, items, scores, steps) in enumerate(zip(r.users, r.items, r.scores, r.steps, strict=True)):
       who = f"user {rec.raw_user(int(u))}" if u else f"history {i + 1}"

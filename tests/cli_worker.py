@@ -30,6 +30,9 @@ def _run(args: list[str]) -> int:
   for name in [n for n in flags.FLAGS if n.startswith("config.")]:  # the last command's --config.<field> overrides
     delattr(flags.FLAGS, name)
   flags.FLAGS.unparse_flags()
+  # ml_collections loads a config file as the module `<flag>_config`; a stale one would lend the next file the
+  # attributes it lacks (a get_config).
+  sys.modules.pop("config_config", None)
   sys.argv = [PROG, "--allocator=system", *args]
   try:
     remaining = errors.parse_flags_or_exit(list(sys.argv))

@@ -515,6 +515,8 @@ def load_dataset(name_or_path: str | os.PathLike, *, format: str = "auto", **int
     bundled_path(name)  # looks like a dataset name, not a path: raises the unknown-dataset error
   if not os.path.exists(name):
     raise DataError(f"{name}: no such file")
+  if os.path.isdir(name):
+    raise DataError(f"{name}: is a directory, expected a file")
   if format == "auto":
     format = _guess_format(name)
   if format == "text":
