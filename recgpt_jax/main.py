@@ -30,9 +30,12 @@ MODES = ("pretrain", "finetune", "prompt_tune", "evaluate", "recommend")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, metrics and results.")
 _MODE = flags.DEFINE_enum("mode", "pretrain", MODES, "What to do.")
-_USERS = flags.DEFINE_list("users", [], "recommend: user ids to serve (raw ids if the data has an id map).")
+_USERS = flags.DEFINE_list("users", [], "recommend: user ids to serve, as in the data file (raw ids of a log).")
 _HISTORY = flags.DEFINE_multi_string(
-  "history", [], "recommend: a raw item history 'i1,i2,...' (oldest first) of an unknown user; repeatable."
+  "history",
+  [],
+  "recommend: an item history 'i1,i2,...' (oldest first) of an unknown user, item ids as in the data file and the"
+  " printed results (raw ids of an interaction log); repeatable.",
 )
 _EXPORT = flags.DEFINE_string("export", None, "recommend: write every user's recommendations to this CSV.")
 _COORDINATOR = flags.DEFINE_string(
