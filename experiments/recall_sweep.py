@@ -34,7 +34,7 @@ class _Evaluator:
   """The run's data and best parameters, evaluated under any recall quotas."""
 
   def __init__(self, config):
-    self.run = loop.Run(config, _WORKDIR.value)
+    self.run = loop.Run(config, _WORKDIR.value, writer=False)
     ckpt = self.run.ckpt
     self.params = (
       ckpt.restore_best(self.run.state.params)[0] if ckpt.has_best() else ckpt.restore(self.run.state)[0].params

@@ -333,7 +333,7 @@ def recall_analysis(spec: RunSpec) -> tuple[dict, dict[str, np.ndarray]]:
 
   c = spec.config()
   c.init_from = ""  # only the run's own model is read
-  run = loop.Run(c, spec.workdir())
+  run = loop.Run(c, spec.workdir(), writer=False)
   params, _ = run.ckpt.restore_best(run.state.params)
   record = {"name": spec.name, "quotas": {}}
   per_user = {"users": run.eval_sets["test"].users}

@@ -16,7 +16,6 @@ one line with exit code 2.
 from __future__ import annotations
 
 import os
-import pathlib
 import sys
 
 from absl import app, flags, logging
@@ -93,17 +92,6 @@ def _recommend(config) -> None:
     print(f"wrote recommendations of {n} users to {_EXPORT.value}")
 
 
-def _check_workdir(workdir: str) -> None:
-  """A --workdir that exists must be a directory, and one that does not must be creatable (no file above it)."""
-  path = pathlib.Path(workdir)
-  for parent in (path, *path.parents):
-    if parent.exists():
-      if not parent.is_dir():
-        what = "is a file" if parent == path else f"is below the file {parent}"
-        raise UserError(f"--workdir={workdir} {what}, not a directory")
-      return
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     print(f"error: unexpected arguments: {' '.join(argv[1:])} (flags take the form --name=value)", file=sys.stderr)
@@ -117,6 +105,7 @@ def main(argv: list[str]) -> None:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(e.exit_code)
   from recgpt_jax.train import loop  # heavy imports after flag parsing, so --help is fast
+  from recgpt_jax.train import workdir as workdir_lib
 
   try:
     config = _CONFIG.value
@@ -131,7 +120,7 @@ def main(argv: list[str]) -> None:
     joined = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
     if joined and not distributed.is_primary():  # process 0 reports; the others only print errors
       sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
-    _check_workdir(_WORKDIR.value)
+    workdir_lib.check_path(_WORKDIR.value)
     if _MODE.value in loop.TRAIN_STAGES:
       loop.train_and_evaluate(config, _WORKDIR.value, _MODE.value)
     elif _MODE.value == "evaluate":

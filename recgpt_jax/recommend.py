@@ -27,9 +27,10 @@ import numpy as np
 
 from recgpt_jax import config as config_lib
 from recgpt_jax.data import packing, split
-from recgpt_jax.errors import ConfigError, RequestError, UserError
+from recgpt_jax.errors import RequestError, UserError
 from recgpt_jax.recall import decoder
 from recgpt_jax.train import loop
+from recgpt_jax.train import workdir as workdir_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,44 +75,15 @@ def _id_list(values, what: str) -> list:
 
 
 def check_run_dir(workdir: str | os.PathLike) -> pathlib.Path:
-  """Raises UserError unless ``workdir`` is a directory that holds a saved model; creates nothing.
-
-  A saved model is a best model (``best/<step>``) or a resumable checkpoint (``checkpoints/<step>``).
-  """
+  """Raises UserError unless ``workdir`` is a directory that holds a saved model; creates nothing."""
   wd = pathlib.Path(workdir)
-  try:
-    if not wd.exists():
-      raise UserError(f"no checkpoint in {wd}: no such directory; train a model there first")
-    if not wd.is_dir():
-      raise UserError(f"workdir {wd} is not a directory")
-    saved = [
-      p for sub in ("best", "checkpoints") if (wd / sub).is_dir() for p in (wd / sub).iterdir() if p.name.isdigit()
-    ]
-  except OSError as e:
-    raise UserError(f"cannot read workdir {wd}: {e.strerror or e}") from None
-  if not saved:
-    raise UserError(f"no checkpoint in {wd}; train a model there first")
+  workdir_lib.check_readable(wd, "recommendations")
   return wd
 
 
 def check_model_compatible(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
-  """Raises ConfigError unless the run in ``workdir`` (its ``config.json``) has the data and architecture of
-  ``config``, so that its model can be restored with it; reads only."""
-  wd = pathlib.Path(workdir)
-  try:
-    old = json.loads((wd / "config.json").read_text())
-  except FileNotFoundError:
-    raise UserError(f"workdir {wd} holds checkpoints but no config.json; cannot check its model") from None
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise UserError(f"{wd / 'config.json'} is unreadable ({type(e).__name__}); cannot check its model") from None
-  if not isinstance(old, dict):
-    raise UserError(f"{wd / 'config.json'} is not a JSON object; cannot check its model")
-  field, differ = loop._incompatible(old, json.loads(config.to_json()))  # the rule training and evaluation apply
-  if field:
-    more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
-    raise ConfigError(
-      f"workdir {wd} holds a run with a different {field} ({', '.join(differ[:3])}{more}); use the run's own config"
-    )
+  """Raises ConfigError unless the run in ``workdir`` has the data and architecture of ``config``; reads only."""
+  workdir_lib.check_model_compatible(pathlib.Path(workdir), json.loads(config.to_json()))
 
 
 def check_export_path(path: str | os.PathLike) -> pathlib.Path:
@@ -148,7 +120,7 @@ class Recommender:
     check_run_dir(workdir)
     config_lib.validate(config)
     check_model_compatible(config, workdir)
-    self.run = loop.Run(config, workdir)
+    self.run = loop.Run(config, workdir, writer=False)
     ckpt = self.run.ckpt
     try:
       if ckpt.has_best():

@@ -102,7 +102,7 @@ def test_recommender_needs_a_run_directory_and_creates_nothing(served, tmp_path,
     recommend.Recommender(cfg, tmp_path / "empty")
   assert not any((tmp_path / "empty").iterdir())
   (tmp_path / "file").write_text("x")
-  with pytest.raises(UserError, match="is not a directory"):
+  with pytest.raises(UserError, match="not a directory"):
     recommend.Recommender(cfg, tmp_path / "file")
   args = [a for a in cli_args(served) if not a.startswith("--workdir")]
   assert_one_line_error(cli_worker(*args, f"--workdir={tmp_path / 'none'}", "--users=1"), "no checkpoint", "none")

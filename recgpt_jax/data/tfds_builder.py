@@ -14,9 +14,12 @@ User-supplied files do not go through TFDS; wrap their sequences in ``InMemorySo
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io as io_lib
 import logging
 import os
+import pathlib
+import shutil
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -124,18 +127,33 @@ def data_source(
   try:
     builder = RecSequences(config=name.lower(), data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
-      print(f"Building the TFDS dataset {name} into {data_dir} (once).", flush=True)
-      tfds.disable_progress_bar()
-      with contextlib.redirect_stdout(io_lib.StringIO()):
-        builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(
-            try_download_gcs=False,
-            compute_stats=tfds.download.ComputeStatsMode.SKIP,
-          )
-        )
+      with _build_lock(pathlib.Path(os.fspath(builder.data_dir)).parent):
+        builder = RecSequences(config=name.lower(), data_dir=data_dir, file_format="array_record")
+        if not builder.is_prepared():  # another process may have built it while this one waited
+          print(f"Building the TFDS dataset {name} into {data_dir} (once).", flush=True)
+          tfds.disable_progress_bar()
+          with contextlib.redirect_stdout(io_lib.StringIO()):
+            builder.download_and_prepare(
+              download_config=tfds.download.DownloadConfig(
+                try_download_gcs=False,
+                compute_stats=tfds.download.ComputeStatsMode.SKIP,
+              )
+            )
   finally:
     absl_logger.setLevel(level)
   return builder.as_data_source(split=SPLIT), builder.info
+
+
+@contextlib.contextmanager
+def _build_lock(config_dir: pathlib.Path):
+  """One builder of a dataset at a time; under the lock, the leftovers of a build killed midway (TFDS's
+  ``incomplete.*`` folders, which no other process can be writing now) are removed first."""
+  config_dir.mkdir(parents=True, exist_ok=True)
+  with open(config_dir / ".build.lock", "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)  # waits for a concurrent build (released when that process ends)
+    for leftover in config_dir.glob("incomplete.*"):
+      shutil.rmtree(leftover, ignore_errors=True)
+    yield
 
 
 class InMemorySource:

@@ -7,13 +7,16 @@ negative-sampling key is folded) and the best-so-far metric are all part of the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import pathlib
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -35,25 +38,31 @@ from recgpt_jax.parallel import mesh as mesh_lib
 from recgpt_jax.recall import decoder
 from recgpt_jax.train import optim, stages
 from recgpt_jax.train import step as step_lib
+from recgpt_jax.train import workdir as workdir_lib
 from recgpt_jax.train.checkpoint import RunCheckpoints
 
 TRAIN_STAGES = tuple(stages.STAGES)
-# Config fields that must match for a workdir to be resumed or evaluated.
-_COMPAT_FIELDS = ("dataset", "max_len", "model")
-# Model fields a saved model may be used with different values of: dropout, and how (not what) the model computes.
-_RUNTIME_MODEL_FIELDS = ("attn_dropout", "hidden_dropout", "user_dropout", "attention_impl", "flow_chunk", "dtype")
-# Fields added after runs were saved: a saved config without them had these values.
-_MODEL_FIELD_DEFAULTS = {"param_dtype": "float32"}
 
 
 # Per-user test metrics of the selected model, beside results.json (and <results_dir>/<name>.<this>).
 PER_USER_FILE = "test_per_user.npz"
 
 
+# Evaluation of a finished workdir (--mode=evaluate): written beside the training record, never over it.
+EVALUATION_FILE = "evaluation.json"
+EVALUATION_PER_USER_FILE = "evaluation_test_per_user.npz"
+
+
 class TrainingDiverged(UserError):
   """The loss became NaN or infinite."""
 
   exit_code = 3
+
+
+class Preempted(UserError):
+  """SIGTERM arrived (e.g. a preempted TPU VM): a checkpoint was saved and the run stopped."""
+
+  exit_code = 143
 
 
 def _atomic_write(path: pathlib.Path, text: str) -> None:
@@ -135,7 +144,19 @@ def build_data(config: ml_collections.ConfigDict, stage: stages.Stage) -> RunDat
 class Run:
   """Everything built from a config: data, model, optimizer, step functions, checkpoints."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path, stage: str = "pretrain"):
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    stage: str = "pretrain",
+    *,
+    writer: bool = False,
+  ):
+    """Builds the run; checks nothing about the workdir and writes nothing to it (see ``recgpt_jax.train.workdir``).
+
+    ``writer``: the run trains in its workdir (``train_and_evaluate``, under the workdir's lock); else its
+    checkpoints are only read.
+    """
     config_lib.validate(config)
     m = config.model
     attention.check_impl(
@@ -144,7 +165,8 @@ class Run:
     self.config = config
     self.stage = stages.get(stage)
     self.workdir = pathlib.Path(workdir)
-    self._check_workdir_compatible()
+    self.writer = writer
+    self._ckpt = None
     built = build_data(config, self.stage)
     self.data, self.train_input = built.data, built.train_input
     self.eval_sets, self.eval_batches, self.item_counts = built.eval_sets, built.eval_batches, built.item_counts
@@ -154,7 +176,13 @@ class Run:
     self._check_batch_sizes()
     self._build_state()
     self._build_steps()
-    self.ckpt = RunCheckpoints(self.workdir, keep=config.train.keep_checkpoints)
+
+  @property
+  def ckpt(self) -> RunCheckpoints:
+    """The workdir's checkpoints, opened on first use (for a writer: under the workdir's lock)."""
+    if self._ckpt is None:
+      self._ckpt = RunCheckpoints(self.workdir, keep=self.config.train.keep_checkpoints, writer=self.writer)
+    return self._ckpt
 
   def _check_batch_sizes(self) -> None:
     c, data_size = self.config, self.mesh.shape["data"]
@@ -219,20 +247,6 @@ class Run:
       for per_user in (False, True)
     )
 
-  def _check_workdir_compatible(self) -> None:
-    saved = self.workdir / "config.json"
-    if not saved.exists():
-      return
-    try:
-      old = json.loads(saved.read_text())
-    except (OSError, json.JSONDecodeError):
-      return
-    field, differ = _incompatible(old, json.loads(self.config.to_json()))
-    if field:
-      raise ConfigError(
-        f"workdir {self.workdir} holds a run with a different {field} ({', '.join(differ)}); use a new --workdir"
-      )
-
   def start(self) -> tuple[step_lib.TrainState, dict[str, Any]]:
     """The state the stage continues from, and its progress record.
 
@@ -245,7 +259,10 @@ class Run:
     if self.ckpt.latest_step() is not None:
       state, meta = self.ckpt.restore(state)
       logging.info("resumed from step %d (epoch %d)", int(state.step), meta["epoch"])
-      print(f"Resuming {self.workdir} from step {int(state.step)}, epoch {meta['epoch'] + 1}.", flush=True)
+      if finished(meta, self.config):
+        print(f"{self.workdir}: training finished ({finished(meta, self.config)}); evaluating its best model.")
+      else:
+        print(f"Resuming {self.workdir} from step {int(state.step)}, epoch {meta['epoch'] + 1}.", flush=True)
     elif self.config.init_from:
       params = self.warm_start_params(state.params)
       state = state.replace(params=params, opt_state=self.tx.init(params))
@@ -262,20 +279,11 @@ class Run:
     if not src:
       raise ConfigError(f"--mode={self.stage.name} starts from a trained model: set --config.init_from=<workdir>")
     src = pathlib.Path(src)
-    saved = src / "config.json"
-    if not saved.exists():
-      raise ConfigError(f"--config.init_from={src} is not a run directory (no config.json)")
-    old = json.loads(saved.read_text())
     # A pre-trained model without the untied head may start a run that has one: the head starts as a copy
     # of the item table (so both heads score alike at step 0).
-    add_head = self.config.model.untied_head and not old.get("model", {}).get("untied_head", False)
-    if add_head:
-      old["model"]["untied_head"] = True
-    field, differ = _incompatible(old, json.loads(self.config.to_json()))
-    if field:
-      raise ConfigError(f"--config.init_from={src} was trained with a different {field} ({', '.join(differ)})")
+    _, add_head = workdir_lib.warm_start_config(str(src), json.loads(self.config.to_json()))
     target = {k: v for k, v in target_params.items() if k != "head"} if add_head else target_params
-    ckpt = RunCheckpoints(src, keep=self.config.train.keep_checkpoints)
+    ckpt = RunCheckpoints(src, keep=self.config.train.keep_checkpoints, writer=False)
     if ckpt.has_best():
       params, meta = ckpt.restore_best(target)
       print(f"Warm start from {src} (best model, epoch {meta.get('epoch')}).", flush=True)
@@ -321,25 +329,13 @@ class Run:
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local.items()}
 
 
-def _incompatible(old: dict, new: dict) -> tuple[str | None, list[str]]:
-  """The first config field whose change makes a saved model unusable, and what changed in it.
-
-  Dropout rates, the attention implementation and the activation dtype may change (between stages, or for
-  evaluation); data, architecture and parameter dtype may not.
-  """
-  for field in _COMPAT_FIELDS:
-    if field == "model":
-      old_model = _MODEL_FIELD_DEFAULTS | old.get("model", {})
-      differ = [
-        f"{k}: {old_model.get(k)!r} != {v!r}"
-        for k, v in new["model"].items()
-        if k not in _RUNTIME_MODEL_FIELDS and old_model.get(k) != v
-      ]
-    else:
-      differ = [f"{old.get(field)!r} != {new.get(field)!r}"] if old.get(field) != new.get(field) else []
-    if differ:
-      return field, differ
-  return None, []
+def finished(meta: dict, c: ml_collections.ConfigDict) -> str:
+  """Why a run whose progress record is ``meta`` has nothing left to train under ``c`` ('' if it has)."""
+  if meta["epoch"] >= c.train.num_epochs:
+    return f"all {c.train.num_epochs} epochs done"
+  if c.train.patience and meta.get("bad_evals", 0) >= c.train.patience:
+    return f"early stop: no {c.eval.metric} gain in {c.train.patience} validations"
+  return ""
 
 
 class NullLog:
@@ -391,28 +387,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: s
   """Trains one stage (``recgpt_jax.train.stages``), then reports valid/test metrics of its best model.
 
   Start order (``Run.start``): the workdir's own latest checkpoint (exact resume); else the best (else latest)
-  parameters of ``config.init_from`` with a fresh optimizer; else a fresh initialisation.
+  parameters of ``config.init_from`` with a fresh optimizer; else a fresh initialisation. The workdir contract
+  (``recgpt_jax.train.workdir``: one writer, same stage and config on resume) is checked before anything is
+  written; SIGTERM saves a checkpoint at the next step and stops the run (exit code 143).
 
   Returns:
     The results record (also written to ``<workdir>/results.json``).
   """
   t_start = time.time()
-  run = Run(config, workdir, stage)
+  wd = pathlib.Path(workdir)
+  config_json = json.loads(config.to_json())
+  stages.get(stage)  # an unknown stage fails before the workdir is looked at
+  config_lib.validate(config)
+  # Checked before the data is loaded (a refused command costs nothing), and again under the lock.
+  workdir_lib.check_stage(wd, stage, config.init_from)
+  workdir_lib.check_resume(wd, config_json)
+  if config.init_from and not workdir_lib.holds_checkpoints(wd):
+    workdir_lib.warm_start_config(config.init_from, config_json)
+  run = Run(config, wd, stage, writer=True)
   c = config
-  wd = run.workdir
-  wd.mkdir(parents=True, exist_ok=True)
   primary = distributed.is_primary()  # one process writes the run's files; all write checkpoints
-  if primary:
-    _atomic_write(wd / "config.json", c.to_json(indent=2))
-    run.data.save_id_maps(wd)  # raw <-> dense ids, when the data came from an interaction log
-  state, meta = run.start()
+  with workdir_lib.open_for_training(wd, config_json, stage, c.init_from, primary):
+    done_before = finished_run(run)
+    if primary and not done_before:  # a finished run keeps the config and record it was trained with
+      workdir_lib.record(wd, c.to_json(indent=2), stage, _atomic_write)
+      run.data.save_id_maps(wd)  # raw <-> dense ids, when the data came from an interaction log
+    with _sigterm_saves() as sigterm:
+      state, meta = run.start()
+      if _agreed(sigterm):
+        raise Preempted(f"received SIGTERM before training started; run the same command to start {wd} again")
+      state, meta = _train(run, state, meta, sigterm, primary)
+    # The final evaluation is not interruptible by a save: a SIGTERM now ends the process, and the same command
+    # evaluates again.
+    return _final_report(run, state, c, wd, time.time() - t_start, evaluation=done_before)
+
+
+def finished_run(run: Run) -> bool:
+  """Whether the workdir holds a finished run that already wrote its results (a rerun only re-evaluates it)."""
+  if not (run.workdir / "results.json").exists() or run.ckpt.latest_step() is None:
+    return False
+  _, meta = run.ckpt.restore(run.state)
+  return bool(finished(meta, run.config))
+
+
+def _train(run: Run, state, meta: dict, sigterm: threading.Event, primary: bool) -> tuple[Any, dict]:
+  """Trains the epochs left (none for a finished run); returns the final state and progress record."""
+  c, wd = run.config, run.workdir
   print(
     f"{run.data.source}: {len(run.data.users)} users, {run.data.num_items} items, "
     f"{run.train_input.num_tokens} train tokens/epoch, ~{run.steps_per_epoch} steps/epoch, "
     f"packing {run.packing_fraction:.1%} real positions",
     flush=True,
   )
-  stop = bool(c.train.max_steps and int(jax.device_get(state.step)) >= c.train.max_steps)
+  stop = bool(finished(meta, c)) or bool(c.train.max_steps and int(jax.device_get(state.step)) >= c.train.max_steps)
   # Opened only now, inside the try that closes it: a start that fails (e.g. a bad warm start) must not leave
   # a TensorBoard writer whose atexit hook prints a traceback after the one-line error (Python 3.12).
   log = MetricsLog(wd) if primary else NullLog()
@@ -420,16 +447,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: s
     log.write(meta["best"]["step"], {f"valid/{k}": v for k, v in meta["best"].items() if k not in ("epoch", "step")})
   try:
     while meta["epoch"] < c.train.num_epochs and not stop:
-      state, meta, stop = _train_epoch(run, state, meta, log)
+      state, meta, stop = _train_epoch(run, state, meta, log, sigterm)
+      if _agreed(sigterm):  # arrived at an epoch's last step or during validation: the epoch-end save is done
+        run.ckpt.wait()
+        step = int(jax.device_get(state.step))
+        raise Preempted(f"received SIGTERM: saved step {step} in {wd}; run the same command to resume")
   finally:
     # An interrupted run still completes the checkpoint it was writing (a hard kill leaves the
     # previous one, which is just as exact a resume point).
     run.ckpt.wait()
     log.close()
-  return _final_report(run, state, c, wd, time.time() - t_start)
+  return state, meta
 
 
-def _train_epoch(run: Run, state, meta: dict, log) -> tuple[Any, dict, bool]:
+@contextlib.contextmanager
+def _sigterm_saves():
+  """While training, SIGTERM sets an event that the loop answers by saving a checkpoint and stopping."""
+  event = threading.Event()
+  if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
+    yield event
+    return
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: event.set())
+  try:
+    yield event
+  finally:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+# In a multi-process run the processes agree on a SIGTERM (which may reach only some of them) every this many steps.
+SIGTERM_POLL_STEPS = 10
+
+
+def _agreed(sigterm: threading.Event) -> bool:
+  """Whether any process received SIGTERM (every process must call this at the same point of the loop)."""
+  if jax.process_count() == 1:
+    return sigterm.is_set()
+  from jax.experimental import multihost_utils
+
+  return bool(np.max(multihost_utils.process_allgather(np.int32(sigterm.is_set()))))
+
+
+def _train_epoch(run: Run, state, meta: dict, log, sigterm: threading.Event) -> tuple[Any, dict, bool]:
   """Trains the epoch ``meta['epoch']`` (from its saved iterator position), validates, checkpoints.
 
   Returns:
@@ -439,8 +497,12 @@ def _train_epoch(run: Run, state, meta: dict, log) -> tuple[Any, dict, bool]:
   epoch = meta["epoch"]
   step = int(jax.device_get(state.step))
   it = run.train_input.epoch_iterator(epoch)
+  # Batches of this epoch done so far (None: resumed from a record that predates the count).
+  epoch_step = 0
   if meta["iterator"] is not None:
     it.set_state(meta["iterator"])
+    epoch_step = meta.get("epoch_step")
+  epoch_steps = run.train_input.steps_per_epoch(epoch)
   bar = _progress(run.steps_per_epoch, f"epoch {epoch + 1}/{c.train.num_epochs}")
   pending = None  # metrics of the previous step, read one step late so the host never waits
   last_loss = float("nan")
@@ -454,14 +516,27 @@ def _train_epoch(run: Run, state, meta: dict, log) -> tuple[Any, dict, bool]:
   for batch in it:
     state, out = run.train_step(state, run.global_batch(batch))
     step += 1
+    epoch_step = None if epoch_step is None else epoch_step + 1
     if pending is not None:
       last_loss = report()
     pending = (step, out)
     bar.update(1)
-    if step % c.train.checkpoint_every_steps == 0:
+    # The epoch's last step (and a max_steps stop) is saved with its end-of-epoch (validated) record below: one
+    # checkpoint per step, and Orbax does not save a step twice.
+    last = epoch_step == epoch_steps or bool(c.train.max_steps and step >= c.train.max_steps)
+    poll = jax.process_count() == 1 or step % SIGTERM_POLL_STEPS == 0
+    if last:
+      pass  # a SIGTERM is answered after the epoch's end (train_and_evaluate)
+    elif poll and _agreed(sigterm):
+      last_loss, pending = report(), None
+      run.ckpt.save(state, {**meta, "iterator": it.get_state(), "epoch_step": epoch_step})
+      run.ckpt.wait()
+      bar.close()
+      raise Preempted(f"received SIGTERM: saved step {step} in {run.workdir}; run the same command to resume")
+    if step % c.train.checkpoint_every_steps == 0 and not last:
       # Check this step's loss before saving it, so a diverged state is never checkpointed.
       last_loss, pending = report(), None
-      run.ckpt.save(state, {**meta, "iterator": it.get_state()})
+      run.ckpt.save(state, {**meta, "iterator": it.get_state(), "epoch_step": epoch_step})
     if c.train.max_steps and step >= c.train.max_steps:
       break
   bar.close()
@@ -471,10 +546,10 @@ def _train_epoch(run: Run, state, meta: dict, log) -> tuple[Any, dict, bool]:
     # The state trained so far is a candidate too (else a warm-started stage would report its starting model).
     meta, _, note = _validate(run, state, meta, log)
     if run.ckpt.latest_step() != step:
-      run.ckpt.save(state, {**meta, "iterator": it.get_state()})
+      run.ckpt.save(state, {**meta, "iterator": it.get_state(), "epoch_step": epoch_step})
     print(f"stopped at train.max_steps={c.train.max_steps}{note}", flush=True)
     return state, meta, True
-  meta = {**meta, "epoch": epoch + 1, "iterator": None}
+  meta = {**meta, "epoch": epoch + 1, "iterator": None, "epoch_step": 0}
   line = f"epoch {epoch + 1}: loss {last_loss:.4f}, {window_tokens / max(time.time() - window_t0, 1e-9):,.0f} tokens/s"
   if window_tokens == 0:  # resumed from a checkpoint taken after the epoch's last step
     line = f"epoch {epoch + 1}: resumed after its last step"
@@ -528,8 +603,14 @@ def _report(pending, log: MetricsLog, bar, tokens_per_s: float, c) -> float:
   return loss
 
 
-def _final_report(run: Run, state, c, wd: pathlib.Path, wall_time: float | None, command: str | None = None):
-  """Evaluates the best model (or the last one if none was selected) on valid and test; writes results."""
+def _final_report(
+  run: Run, state, c, wd: pathlib.Path, wall_time: float | None, command: str | None = None, *, evaluation: bool = False
+):
+  """Evaluates the best model (or the last one if none was selected) on valid and test; writes results.
+
+  The training run's record is ``results.json``; ``evaluation=True`` (``--mode=evaluate``) writes
+  ``evaluation.json`` beside it instead (and ``<results_dir>/<name>.evaluation.json``), never over it.
+  """
   params = state.params
   best_meta = None
   if run.ckpt.has_best():
@@ -541,7 +622,7 @@ def _final_report(run: Run, state, c, wd: pathlib.Path, wall_time: float | None,
   record = {
     "name": c.name,
     "dataset": run.data.source,
-    "recipe": {"stage": run.stage.name, "config": json.loads(c.to_json())},
+    "recipe": {"stage": _recorded_stage(wd) if evaluation else run.stage.name, "config": json.loads(c.to_json())},
     "command": command
     or os.environ.get("RECGPT_COMMAND", " ".join(["python", "-m", "recgpt_jax.main", *sys.argv[1:]])),
     "git_commit": git_commit(),
@@ -558,11 +639,16 @@ def _final_report(run: Run, state, c, wd: pathlib.Path, wall_time: float | None,
   if not distributed.is_primary():
     return record
   # The per-user file first: a results JSON is the mark of a finished run, so it must never lack one.
-  _save_per_user(wd / PER_USER_FILE, per_user)
-  _atomic_write(wd / "results.json", text)
+  record_file, per_user_file = (
+    (EVALUATION_FILE, EVALUATION_PER_USER_FILE) if evaluation else ("results.json", PER_USER_FILE)
+  )
+  _save_per_user(wd / per_user_file, per_user)
+  _atomic_write(wd / record_file, text)
   if c.results_dir:
-    _save_per_user(pathlib.Path(c.results_dir) / f"{c.name}.{PER_USER_FILE}", per_user)
-    _atomic_write(pathlib.Path(c.results_dir) / f"{c.name}.json", text)
+    kind = ".evaluation" if evaluation else ""
+    _save_per_user(pathlib.Path(c.results_dir) / f"{c.name}{kind}.{PER_USER_FILE}", per_user)
+    _atomic_write(pathlib.Path(c.results_dir) / f"{c.name}{kind}.json", text)
+    print(f"wrote {pathlib.Path(c.results_dir) / f'{c.name}{kind}.json'}")
   print(_format_metrics("valid", valid, run.metric_names))
   print(_format_metrics("test", test, run.metric_names))
   return record
@@ -580,12 +666,24 @@ def _format_metrics(stage: str, m: dict[str, float], names) -> str:
   return f"{stage:5s} " + "  ".join(f"{k} {m[k]:.4f}" for k in names)
 
 
+def _recorded_stage(wd: pathlib.Path) -> str | None:
+  record = workdir_lib.read_json(wd / workdir_lib.RUN_FILE, "the workdir's stage record")
+  return None if record is None else record.get("stage")
+
+
 def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Evaluates the workdir's best (else latest) model on valid and test without training."""
-  run = Run(config, workdir)
-  if not run.ckpt.has_best() and run.ckpt.latest_step() is None:
-    raise UserError(f"no checkpoint in {run.workdir}; run --mode=pretrain first")
-  state = run.state
-  if run.ckpt.latest_step() is not None:
-    state, _ = run.ckpt.restore(state)
-  return _final_report(run, state, config, run.workdir, None)
+  """Evaluates the workdir's best (else latest) model on valid and test without training.
+
+  Writes ``evaluation.json`` beside the training run's ``results.json`` (which stays as it is).
+  """
+  wd = pathlib.Path(workdir)
+  primary = distributed.is_primary()
+  # Checked before anything is built: a missing workdir is reported, never created.
+  workdir_lib.check_readable(wd, "--mode=evaluate")
+  workdir_lib.check_model_compatible(wd, json.loads(config.to_json()))
+  run = Run(config, wd, writer=False)
+  with workdir_lib.open_for_reading(wd, "--mode=evaluate", primary):
+    state = run.state
+    if not run.ckpt.has_best():
+      state, _ = run.ckpt.restore(state)
+    return _final_report(run, state, config, wd, None, evaluation=True)

@@ -156,7 +156,12 @@ def test_config_errors(beauty):
 
 
 def test_tfds_build_and_read_back(tmp_path, beauty, train_input):
+  # The leftover of a build killed midway is removed by the next build (which holds the build lock).
+  leftover = tmp_path / "rec_sequences" / "beauty" / "incomplete.ABC123_1.0.0"
+  leftover.mkdir(parents=True)
+  (leftover / "part").write_text("partial")
   source, info = tfds_builder.data_source("beauty", data_dir=tmp_path)
+  assert not leftover.exists()
   assert info.name == "rec_sequences" and info.config_name == "beauty"
   users, sequences = beauty
   assert len(source) == len(users)

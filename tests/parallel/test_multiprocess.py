@@ -108,7 +108,6 @@ def test_two_processes_match_one(single, tmp_path):
     p.name for p in (single / "checkpoints").iterdir()
   )
   # Both processes restore the checkpoint they wrote together: evaluating it again gives the same metrics.
-  (multi / "results.json").unlink()
   port = free_port()
   flags = [
     f"--config.dataset={data}",
@@ -119,5 +118,5 @@ def test_two_processes_match_one(single, tmp_path):
   procs = [launch([*flags, "--num_processes=2", f"--process_id={i}"], devices=1) for i in range(2)]
   for p in procs:
     finish(p)
-  again = json.loads((multi / "results.json").read_text())
+  again = json.loads((multi / "evaluation.json").read_text())
   assert again["test"] == pytest.approx(r2["test"], abs=1e-7)

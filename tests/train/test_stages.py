@@ -85,7 +85,7 @@ def test_a_helpful_stage_moves_on_from_epoch_0(dataset, tmp_path):
 
 def test_pretrain_can_start_from_init_from(dataset, pretrained, tmp_path):
   """Any stage warm-starts from init_from: a pre-training run then continues the given model."""
-  run = loop.Run(tiny_config(dataset, **{"init_from": str(pretrained)}), tmp_path / "more", "pretrain")
+  run = loop.Run(tiny_config(dataset, **{"init_from": str(pretrained)}), tmp_path / "more", "pretrain", writer=True)
   state, meta = run.start()
   best, _ = RunCheckpoints(pretrained).restore_best(run.state.params)
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(best), strict=True):
