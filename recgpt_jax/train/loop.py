@@ -417,6 +417,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: s
       if _agreed(sigterm):
         raise Preempted(f"received SIGTERM before training started; run the same command to start {wd} again")
       state, meta = _train(run, state, meta, sigterm, primary)
+    if _agreed(sigterm):  # arrived after the last check (the training is saved): the evaluation is left to a rerun
+      raise Preempted(f"received SIGTERM after training; run the same command to evaluate {wd}")
     # The final evaluation is not interruptible by a save: a SIGTERM now ends the process, and the same command
     # evaluates again.
     return _final_report(run, state, c, wd, time.time() - t_start, evaluation=done_before)
