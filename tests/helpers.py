@@ -25,6 +25,19 @@ def write_cyclic_dataset(path: pathlib.Path, num_users: int = 120, num_items: in
   return path
 
 
+def write_cyclic_log(base: pathlib.Path, user_prefix: str, num_users: int = 40) -> pathlib.Path:
+  """The cyclic dataset as an interaction log ``base/log.csv`` with raw ids unlike the dense ones: users
+  ``<user_prefix><n>``, items the numbers 1000 + <item> (numeric raw ids, as in many logs)."""
+  cyclic = write_cyclic_dataset(base / "cyclic.txt", num_users=num_users)
+  rows = []
+  for line in cyclic.read_text().splitlines():
+    user, *items = line.split()
+    rows += [f"{user_prefix}{user},{1000 + int(i)},{t}" for t, i in enumerate(items)]
+  log = base / "log.csv"
+  log.write_text("user,item,timestamp\n" + "\n".join(rows) + "\n")
+  return log
+
+
 def tiny_config(dataset: pathlib.Path, **overrides):
   """A config small enough to train for a few epochs in seconds."""
   c = base_config()

@@ -24,7 +24,7 @@ import pytest
 from recgpt_jax import recommend
 from recgpt_jax.errors import UserError
 from recgpt_jax.train import loop
-from tests.helpers import tiny_config, write_cyclic_dataset
+from tests.helpers import tiny_config, write_cyclic_log
 
 OVERRIDES = {"train.num_epochs": 1, "recall.quotas": (4, 2), "eval.metric": "NDCG@5"}
 
@@ -41,13 +41,7 @@ class Finished:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Finished:
   base = tmp_path_factory.mktemp("fuzz")
-  cyclic = write_cyclic_dataset(base / "cyclic.txt", num_users=40)
-  rows = []
-  for line in cyclic.read_text().splitlines():
-    user, *items = line.split()
-    rows += [f"u{user},{1000 + int(i)},{t}" for t, i in enumerate(items)]
-  log = base / "log.csv"
-  log.write_text("user,item,timestamp\n" + "\n".join(rows) + "\n")
+  log = write_cyclic_log(base, "u")
   config = tiny_config(log, **OVERRIDES)
   loop.train_and_evaluate(config, str(base / "run"))
   config_file = base / "fuzz_config.py"

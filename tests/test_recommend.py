@@ -10,7 +10,7 @@ import pytest
 from recgpt_jax import recommend
 from recgpt_jax.errors import ConfigError, RequestError, UserError
 from recgpt_jax.train import loop
-from tests.helpers import tiny_config, write_cyclic_dataset
+from tests.helpers import tiny_config, write_cyclic_dataset, write_cyclic_log
 from tests.test_cli import DEFAULT_CONFIG, TINY, assert_one_line_error, cli, snapshot
 
 
@@ -209,13 +209,7 @@ def log_run(tmp_path_factory):
   """A run on an interaction log whose raw ids differ from the dense ids: users 'user-<n>', items the numbers
   1000 + <item> (numeric raw ids, as in many logs). Returns (config, workdir, path of a config file giving it)."""
   base = tmp_path_factory.mktemp("log")
-  data = write_cyclic_dataset(base / "cyclic.txt", num_users=40)
-  rows = []
-  for line in data.read_text().splitlines():
-    user, *items = line.split()
-    rows += [f"user-{user},{1000 + int(i)},{t}" for t, i in enumerate(items)]
-  log = base / "log.csv"
-  log.write_text("user,item,timestamp\n" + "\n".join(rows) + "\n")
+  log = write_cyclic_log(base, "user-")
   overrides = {"train.num_epochs": 1, "recall.quotas": (4, 2), "eval.metric": "NDCG@5"}
   cfg = tiny_config(log, **overrides)
   loop.train_and_evaluate(cfg, str(base / "run"))
