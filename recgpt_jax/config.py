@@ -51,7 +51,14 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.loss = "ce"  # 'ce' (full softmax), 'bce' (reference: one random negative), 'sampled_softmax'
-  c.train.num_negatives = 256  # negatives per batch for sampled_softmax
+  c.train.num_negatives = 256  # negatives per batch for sampled_softmax (drawn ones; 'mixed' adds the in-batch ones)
+  # sampled_softmax negatives: 'uniform', 'popularity' (training frequency), 'in_batch' (the batch's targets) or
+  # 'mixed' (in-batch plus num_negatives uniform)
+  c.train.negatives = "uniform"
+  c.train.logq = True  # sampled_softmax: logQ correction (each negative's logit less log of its expected count)
+  # ce: > 0 sweeps the item table in blocks of this many rows with an online log-sum-exp and recomputes them in
+  # the backward pass, so the [tokens, items] logits never exist (large catalogues); 0 materialises them.
+  c.train.ce_block = 0
   c.train.head = "tied"  # head used by the loss: 'tied' (item table) or 'untied'
   c.train.user_l2 = 0.0  # user module: adds user_l2 * mean squared norm of the batch tokens' user vectors
   c.train.row_sparse = True  # update gather-only tables (users; items under a sampled loss) by row: exact, faster
@@ -79,6 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.users_per_batch = 1024  # users scored per evaluation step
   c.eval.rows_per_batch = 256  # packed rows per evaluation step (row length = train.row_len)
   c.eval.metric = "NDCG@10"  # validation metric used to select the best model
+  # Top-k of evaluation, recall and recommendations: 0 = exact (lax.top_k); in (0, 1) = lax.approx_max_k with this
+  # recall target (a partial reduction on TPU; CPU and GPU fall back to the exact top-k).
+  c.eval.approx_recall = 0.0
   # Head that scores items in evaluation, recall and recommendations: 'tied' (item table), 'untied', or ''
   # (the head the loss trains, train.head). The authors train their prompt-tuning loss on the untied head and
   # evaluate with the tied table.
@@ -103,6 +113,9 @@ def base_config() -> ml_collections.ConfigDict:
   # (random items drawn by training-set popularity). Items already in the prefix are never chosen.
   c.prompt.source = "top"
   c.prompt.temperature = 1.0  # softmax temperature of source='sample'
+  c.prompt.approx_recall = (
+    0.0  # top-k of the prompt candidates: 0 = exact, in (0, 1) = approx_max_k (eval.approx_recall)
+  )
   c.prompt.gen_dropout = False  # generate with dropout on (the authors' code generates in train mode)
   # Aligned prompting (beyond the paper): the position holding a shown prompt is trained on what the user
   # actually did next (the feedback), with the shown item excluded from that position's softmax, as the
@@ -164,7 +177,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError (one line) for values no run could use."""
   from recgpt_jax.data import io
   from recgpt_jax.model import attention, precision  # jax/flax load after flag parsing, not with the config
-  from recgpt_jax.train import optim, prompts
+  from recgpt_jax.train import losses, optim, prompts
 
   def need(cond: bool, msg: str):
     if not cond:
@@ -211,6 +224,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   need(c.train.head in ("tied", "untied"), f"train.head must be 'tied' or 'untied', got {c.train.head!r}")
   need(c.train.head == "tied" or c.model.untied_head, "train.head='untied' needs model.untied_head=True")
   need(c.train.num_negatives >= 1, f"train.num_negatives must be >= 1, got {c.train.num_negatives}")
+  need(
+    c.train.negatives in losses.NEGATIVES,
+    f"train.negatives must be one of {losses.NEGATIVES}, got {c.train.negatives!r}",
+  )
+  need(c.train.ce_block >= 0, f"train.ce_block must be >= 0 (0 = materialised logits), got {c.train.ce_block}")
   o = c.optimizer
   need(o.learning_rate > 0, f"optimizer.learning_rate must be > 0, got {o.learning_rate}")
   need(o.schedule in optim.SCHEDULES, f"optimizer.schedule must be one of {optim.SCHEDULES}, got {o.schedule!r}")
@@ -222,6 +240,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   need(c.eval.head in ("", "tied", "untied"), f"eval.head must be '', 'tied' or 'untied', got {c.eval.head!r}")
   need(c.eval.head != "untied" or c.model.untied_head, "eval.head='untied' needs model.untied_head=True")
   need(c.eval.users_per_batch >= 1 and c.eval.rows_per_batch >= 1, "eval batch sizes must be >= 1")
+  for section in ("eval", "prompt"):
+    recall = c[section].approx_recall
+    need(0 <= recall < 1, f"{section}.approx_recall must be in [0, 1) (0 = exact top-k), got {recall}")
   need(c.prompt.mode in ("last", "interleave"), f"prompt.mode must be 'last' or 'interleave', got {c.prompt.mode!r}")
   need(c.prompt.width >= 1, f"prompt.width must be >= 1, got {c.prompt.width}")
   need(c.prompt.head in ("tied", "untied"), f"prompt.head must be 'tied' or 'untied', got {c.prompt.head!r}")

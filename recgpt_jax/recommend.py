@@ -132,7 +132,8 @@ class Recommender:
     finally:
       ckpt.close()  # only the parameters are needed: release the checkpoint managers (and their threads)
     self.quotas = tuple(config.recall.quotas)
-    self.fn = decoder.make_recall_fn(self.run.graphdef, self.quotas, self.run.head, self.run.mesh)
+    approx = config.eval.get("approx_recall", 0.0)
+    self.fn = decoder.make_recall_fn(self.run.graphdef, self.quotas, self.run.head, self.run.mesh, approx)
     self.batch_users = batch_users
     data = self.run.data
     self._sequences = dict(zip(data.users.tolist(), data.sequences, strict=True))

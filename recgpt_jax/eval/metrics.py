@@ -28,7 +28,11 @@ def exclude_items(scores_uv: jax.Array, exclude_uh: jax.Array) -> jax.Array:
 
 
 def ranking_metrics(
-  scores_uv: jax.Array, answer_u: jax.Array, exclude_uh: jax.Array, ks: Sequence[int] = KS
+  scores_uv: jax.Array,
+  answer_u: jax.Array,
+  exclude_uh: jax.Array,
+  ks: Sequence[int] = KS,
+  approx_recall: float = 0.0,
 ) -> dict[str, jax.Array]:
   """Per-user HR@k and NDCG@k.
 
@@ -37,12 +41,13 @@ def ranking_metrics(
     answer_u: ``[users]`` held-out item of each user.
     exclude_uh: ``[users, H]`` item ids to exclude from the ranking (0 = none).
     ks: cut-offs.
+    approx_recall: 0 = exact top-k, else ``lax.approx_max_k``'s recall target (``topk.top_k``).
 
   Returns:
     Dict ``'HR@k'`` / ``'NDCG@k'`` -> ``[users]`` float32 values.
   """
   scores_uv = exclude_items(scores_uv, exclude_uh)
-  _, top_uk = jax.lax.top_k(scores_uv, max(ks))
+  _, top_uk = topk.top_k(scores_uv, max(ks), approx_recall)
   return list_metrics(top_uk, answer_u, ks)
 
 
@@ -70,6 +75,7 @@ def make_eval_step(
   param_shardings=None,
   *,
   per_user: bool = False,
+  approx_recall: float = 0.0,
 ):
   """Returns a jitted ``(params, batch) -> sums`` of each metric over the batch's real users.
 
@@ -80,7 +86,8 @@ def make_eval_step(
   multi-interest recall function of ``recgpt_jax.recall.decoder``) the ranking is its merged list.
   With ``mesh`` (axes ``data``, ``model``) the batch is split over ``data`` and the top items come from
   the two-stage top-k over the vocabulary-sharded table (``recgpt_jax.parallel.topk``); ``param_shardings``
-  then gives the parameters' shardings (the jit's explicit input shardings).
+  then gives the parameters' shardings (the jit's explicit input shardings). ``approx_recall`` (0 = exact) makes
+  the full-catalogue top-k approximate (``topk.top_k``; a ``recall_fn`` has its own setting).
   """
 
   def eval_step(params, batch):
@@ -95,7 +102,8 @@ def make_eval_step(
       hidden = model(batch["items"], batch["positions"], batch["segments"], batch["seq_ids"], batch["users"])
       user_hidden = hidden[batch["last_row"], batch["last_col"]]  # [users, hidden]
       if mesh is None:
-        per_user_metrics = ranking_metrics(model.logits(user_hidden, head), batch["answer"], batch["history"], ks)
+        scores = model.logits(user_hidden, head)
+        per_user_metrics = ranking_metrics(scores, batch["answer"], batch["history"], ks, approx_recall)
       else:
         table, bias = model.head_weights(head)
         _, top_uk = topk.sharded_top_k(
@@ -106,6 +114,7 @@ def make_eval_step(
           exclude_ue=batch["history"],
           bias_v=bias,
           num_valid=model.cfg.num_items + 1,
+          approx_recall=approx_recall,
         )
         per_user_metrics = list_metrics(top_uk, batch["answer"], ks)
     if per_user:

@@ -290,8 +290,9 @@ def train_program(b: Built, stage: str, rows_per_batch: int | None = None) -> Pr
   except ValueError as e:
     raise ConfigError(str(e)) from None
   adam = optim.adam_spec(c.optimizer, _NOMINAL_STEPS) if c.train.row_sparse else None
-  # Popularity prompts need the training-split item counts; only their shape matters to the compiler.
-  counts = np.ones(b.model_cfg.num_items + 1) if prompt_cfg is not None and prompt_cfg.source == "popularity" else None
+  # Popularity prompts and negatives need the training-split item counts; only their shape matters to the compiler.
+  popularity_prompts = prompt_cfg is not None and prompt_cfg.source == "popularity"
+  counts = np.ones(b.model_cfg.num_items + 1) if popularity_prompts or loss_cfg.needs_counts else None
   step_fn = step_lib.make_train_step(b.graphdef, b.tx, loss_cfg, prompt_cfg, b.mesh, adam=adam, item_counts=counts)
   fn = step_lib.jit_train_step(step_fn, b.state_sharding, b.mesh)
   batch = train_batch(b.mesh, rows, c.train.row_len, prompt_cfg is not None)
@@ -300,7 +301,8 @@ def train_program(b: Built, stage: str, rows_per_batch: int | None = None) -> Pr
 
 def _recall_fn(b: Built):
   quotas = tuple(b.config.recall.quotas)
-  return decoder.make_recall_fn(b.graphdef, quotas, config_lib.eval_head(b.config), b.mesh)
+  approx = b.config.eval.get("approx_recall", 0.0)
+  return decoder.make_recall_fn(b.graphdef, quotas, config_lib.eval_head(b.config), b.mesh, approx)
 
 
 def eval_program(b: Built, history: int) -> Program:
@@ -309,7 +311,15 @@ def eval_program(b: Built, history: int) -> Program:
   quotas = tuple(c.recall.quotas)
   ks = tuple(k for k in metrics_lib.KS if k <= sum(quotas))
   recall_fn = _recall_fn(b) if len(quotas) > 1 else None
-  fn = metrics_lib.make_eval_step(b.graphdef, ks, config_lib.eval_head(c), recall_fn, b.mesh, b.state_sharding.params)
+  fn = metrics_lib.make_eval_step(
+    b.graphdef,
+    ks,
+    config_lib.eval_head(c),
+    recall_fn,
+    b.mesh,
+    b.state_sharding.params,
+    approx_recall=c.eval.get("approx_recall", 0.0),
+  )
   batch = eval_batch(b.mesh, c.eval.rows_per_batch, c.train.row_len, c.eval.users_per_batch, history)
   return Program(
     "eval_step", fn, (b.abstract_state.params, batch), c.eval.rows_per_batch, c.train.row_len, c.eval.users_per_batch

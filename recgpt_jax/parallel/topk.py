@@ -41,6 +41,57 @@ def _axis_size(mesh: Mesh, axes: AxisNames) -> int:
   return math.prod(mesh.shape[a] for a in axes)
 
 
+def top_k(scores: jax.Array, k: int, approx_recall: float = 0.0) -> tuple[jax.Array, jax.Array]:
+  """``(values, indices)`` of the ``k`` best entries of the last axis, in descending order.
+
+  ``approx_recall = 0`` is ``lax.top_k`` (exact, ties to the lower index). A value in ``(0, 1)`` is
+  ``lax.approx_max_k`` with that recall target: on TPU a partial reduction (each of ``M`` lane windows keeps its
+  maximum, then an exact top-k of the ``M`` maxima; expected recall ``~ exp(-(k - 1) / M)``) that skips the full
+  sort; on CPU and GPU XLA falls back to the exact top-k. :func:`emulated_approx_max_k` reproduces the TPU
+  reduction anywhere, to measure its recall.
+  """
+  if approx_recall:
+    return jax.lax.approx_max_k(scores, k, recall_target=approx_recall)
+  return jax.lax.top_k(scores, k)
+
+
+def approx_windows(n: int, k: int, recall_target: float, tiling: int = 128) -> int:
+  """The number of windows ``M`` TPU's ``approx_max_k`` reduces ``n`` entries to (``n`` = no reduction), as
+  XLA's ``ApproxTopKReductionOutputSize`` computes it for operands of rank >= 2 (lane tiling 128): ``M`` solves
+  ``exp((1 - k) / M) = recall_target``, at least one tile, the reduction a power of two."""
+  if n <= tiling or k == 1 or recall_target >= 1.0:
+    return n if k > 1 or n <= tiling else tiling
+  m = min(max(int((1.0 - k) / math.log(recall_target)), tiling), n)
+  log2_reduction = (n // m).bit_length() - 1
+  if log2_reduction <= 0:
+    return n
+  log2_reduction = min(log2_reduction, max(0, (n // tiling - 1).bit_length()))
+  tiles = -(-n // tiling)
+  return -(-tiles // (1 << log2_reduction)) * tiling
+
+
+def emulated_approx_max_k(scores: jax.Array, k: int, recall_target: float) -> tuple[jax.Array, jax.Array]:
+  """TPU's approximate top-k in plain ``jnp``, for measuring its recall on machines that fall back to exact.
+
+  Entry ``j`` of the last axis goes to window ``j mod M`` (``M = approx_windows``; strided windows, as TPU lanes
+  hold them), each window keeps its maximum, and an exact top-k of the ``M`` maxima is the result: two of the
+  true top ``k`` in one window lose the smaller. An estimate of the hardware's behaviour (the window layout of
+  the TPU kernel is not documented; any assignment independent of the scores has the same expected recall).
+  """
+  n = scores.shape[-1]
+  m = approx_windows(n, k, recall_target)
+  if m >= n:
+    return jax.lax.top_k(scores, k)
+  reduction = -(-n // m)
+  padded = jnp.pad(scores, [(0, 0)] * (scores.ndim - 1) + [(0, reduction * m - n)], constant_values=-jnp.inf)
+  windows = padded.reshape(*scores.shape[:-1], reduction, m)  # [..., r, M]: entry j at (j // M, j % M)
+  best_row = jnp.argmax(windows, axis=-2)  # [..., M]
+  best = jnp.max(windows, axis=-2)
+  values, pos = jax.lax.top_k(best, k)
+  rows = jnp.take_along_axis(best_row, pos, axis=-1)
+  return values, (rows * m + pos).astype(jnp.int32)
+
+
 def pad_rows(table_vd: jax.Array, multiple: int) -> jax.Array:
   """Appends zero rows so that the number of rows is a multiple of ``multiple`` (mask them with ``num_valid``)."""
   pad = -table_vd.shape[0] % multiple
@@ -59,6 +110,7 @@ def sharded_top_k(
   noise_uv: jax.Array | None = None,
   vocab_axis: str = "model",
   batch_axis: AxisNames = "data",
+  approx_recall: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
   """Top-``k`` items of ``queries_ud @ table_vd.T (+ bias_v)`` with the table sharded along the vocabulary.
 
@@ -83,6 +135,8 @@ def sharded_top_k(
       top-``k`` a draw without replacement (``recgpt_jax.train.prompts``).
     vocab_axis: mesh axis the table is split along.
     batch_axis: mesh axis (or tuple of axes, or ``None`` for no split) the users are split along.
+    approx_recall: if > 0, each shard's local stage is ``top_k(..., approx_recall)`` (``lax.approx_max_k``; the
+      merge stays exact), so the result is approximate where the hardware approximates.
 
   Returns:
     ``(scores_uk, ids_uk)``: scores (dtype of the scores) and int32 item ids, each row in descending score order.
@@ -133,7 +187,7 @@ def sharded_top_k(
       local_ue = jnp.where((local_ue >= 0) & (local_ue < vocab_loc), local_ue, vocab_loc)
       rows_u1 = jnp.arange(scores_uv.shape[0])[:, None]
       scores_uv = scores_uv.at[rows_u1, local_ue].set(low, mode="drop")
-    top_uk, idx_uk = jax.lax.top_k(scores_uv, k_loc)
+    top_uk, idx_uk = top_k(scores_uv, k_loc, approx_recall)
     if shards == 1:  # XLA would keep a trivial all-gather and a second top-k
       return top_uk, idx_uk
     cand_uc = jax.lax.all_gather(top_uk, vocab_axis, axis=1, tiled=True, to="invarying")

@@ -18,7 +18,14 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from recgpt_jax.model import precision
-from recgpt_jax.train import losses
+from recgpt_jax.train import blocked_ce, losses
+
+
+def _varying(x: jax.Array, axis: str) -> jax.Array:
+  """``x`` marked as varying over the manual mesh ``axis`` (``jax.lax.pcast``; ``pvary`` before it existed)."""
+  if hasattr(jax.lax, "pcast"):
+    return jax.lax.pcast(x, axis, to="varying")
+  return jax.lax.pvary(x, axis)
 
 
 def sharded_softmax_ce(
@@ -32,6 +39,7 @@ def sharded_softmax_ce(
   exclude_rle: jax.Array | None = None,
   data_axis: str = "data",
   vocab_axis: str = "model",
+  block: int = 0,
 ) -> jax.Array:
   """Mean cross-entropy of the real targets (``> 0``) against all items ``1..num_valid - 1``.
 
@@ -49,6 +57,8 @@ def sharded_softmax_ce(
       like the targets; each shard masks the ones it holds (``losses.mask_items``).
     data_axis: mesh axis the rows are split over.
     vocab_axis: mesh axis the vocabulary is split over.
+    block: if > 0, each device sweeps its shard in blocks of this many rows (``train.blocked_ce``), so not
+      even its ``[tokens / data, vocab / model]`` logits exist; 0 materialises them.
 
   Returns:
     Scalar loss (replicated).
@@ -63,19 +73,39 @@ def sharded_softmax_ce(
   def local(h_rld, t_vd, b_v, y_rl, ex_rle):
     v_loc = t_vd.shape[0]
     offset = jax.lax.axis_index(vocab_axis) * v_loc
-    ids = offset + jnp.arange(v_loc)
-    logits = precision.item_scores(h_rld, t_vd, b_v)  # float32 whatever the activation dtype
-    low = jnp.finfo(logits.dtype).min
-    logits = jnp.where((ids == 0) | (ids >= num_valid), low, logits)
-    if ex_rle is not None:
-      logits = losses.mask_items(logits, ex_rle, offset)
-    m = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=-1)), vocab_axis)  # [r, l], a constant shift
-    sum_exp = jax.lax.psum(jnp.sum(jnp.exp(logits - m[..., None]), axis=-1), vocab_axis)
-    lse = m + jnp.log(sum_exp)
     mine = (y_rl >= offset) & (y_rl < offset + v_loc)
-    picked = jnp.take_along_axis(logits, jnp.clip(y_rl - offset, 0, v_loc - 1)[..., None], axis=-1)[..., 0]
+    rows_rl = jnp.clip(y_rl - offset, 0, v_loc - 1)
+    if block:
+      r, length, d = h_rld.shape
+      h_nd = h_rld.reshape(r * length, d)
+      ex = None if ex_rle is None else ex_rle.reshape(r * length, -1).astype(jnp.int32)
+      # The custom VJP returns cotangents varying over both axes: mark the tokens as varying over the vocabulary
+      # shards and the table over the data shards, so their transposes sum those cotangents back.
+      lse_loc = blocked_ce.blocked_logsumexp(
+        _varying(h_nd, vocab_axis),
+        _varying(t_vd, data_axis),
+        _varying(b_v, data_axis),
+        ex,
+        offset.astype(jnp.int32),
+        blocked_ce.check_block(block, v_loc),
+        num_valid,
+      ).reshape(r, length)
+      m = jax.lax.pmax(jax.lax.stop_gradient(lse_loc), vocab_axis)  # a constant shift
+      lse = m + jnp.log(jax.lax.psum(jnp.exp(lse_loc - m), vocab_axis))
+      picked = blocked_ce.target_logits(h_nd, t_vd, b_v, rows_rl.reshape(-1)).reshape(r, length)
+    else:
+      ids = offset + jnp.arange(v_loc)
+      logits = precision.item_scores(h_rld, t_vd, b_v)  # float32 whatever the activation dtype
+      low = jnp.finfo(logits.dtype).min
+      logits = jnp.where((ids == 0) | (ids >= num_valid), low, logits)
+      if ex_rle is not None:
+        logits = losses.mask_items(logits, ex_rle, offset)
+      m = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=-1)), vocab_axis)  # [r, l], a constant shift
+      sum_exp = jax.lax.psum(jnp.sum(jnp.exp(logits - m[..., None]), axis=-1), vocab_axis)
+      lse = m + jnp.log(sum_exp)
+      picked = jnp.take_along_axis(logits, rows_rl[..., None], axis=-1)[..., 0]
     target_logit = jax.lax.psum(jnp.where(mine, picked, 0.0), vocab_axis)
-    weights = (y_rl > 0).astype(logits.dtype)
+    weights = (y_rl > 0).astype(jnp.float32)
     total = jax.lax.psum(jnp.sum((lse - target_logit) * weights), data_axis)
     count = jax.lax.psum(jnp.sum(weights), data_axis)
     return total / jnp.maximum(count, 1.0)

@@ -34,7 +34,9 @@ def step_layout(quotas: Sequence[int]) -> np.ndarray:
   return np.repeat(np.arange(len(quotas), dtype=np.int32), quotas)
 
 
-def make_recall_fn(graphdef: nnx.GraphDef, quotas: Sequence[int], head: str = "tied", mesh=None):
+def make_recall_fn(
+  graphdef: nnx.GraphDef, quotas: Sequence[int], head: str = "tied", mesh=None, approx_recall: float = 0.0
+):
   """Returns a jitted ``(params, batch) -> dict`` recalling ``K = sum(quotas)`` items per user slot.
 
   Args:
@@ -43,6 +45,7 @@ def make_recall_fn(graphdef: nnx.GraphDef, quotas: Sequence[int], head: str = "t
     head: which head scores items: ``'tied'`` (item table) or ``'untied'``.
     mesh: optional mesh (axes ``data``, ``model``): each step's top items then come from the two-stage
       top-k over the vocabulary-sharded table (``recgpt_jax.parallel.topk``), exclusions still exact.
+    approx_recall: 0 = exact top-k at every step, else ``lax.approx_max_k``'s recall target (``topk.top_k``).
 
   Returns:
     ``fn(params, batch)`` over one evaluation batch (``packing.pack_eval_batches``) returning
@@ -77,13 +80,20 @@ def make_recall_fn(graphdef: nnx.GraphDef, quotas: Sequence[int], head: str = "t
       if mesh is not None:
         table, bias = model.head_weights(head)
         top = topk.sharded_top_k(
-          h_ud, table, m, mesh=mesh, exclude_ue=exclude_ue, bias_v=bias, num_valid=model.cfg.num_items + 1
+          h_ud,
+          table,
+          m,
+          mesh=mesh,
+          exclude_ue=exclude_ue,
+          bias_v=bias,
+          num_valid=model.cfg.num_items + 1,
+          approx_recall=approx_recall,
         )
         return jax.lax.optimization_barrier(top)
       scores_uv = exclude_items(model.logits(h_ud, head), exclude_ue)  # [U, vocab_size]
       # The barrier keeps XLA from folding later slices (e.g. the top-1) into the top-k: that breaks its
       # rewrite to a partial top-k, and the full sort of the scores made a 2-step recall 7x slower on CPU.
-      return jax.lax.optimization_barrier(jax.lax.top_k(scores_uv, m))
+      return jax.lax.optimization_barrier(topk.top_k(scores_uv, m, approx_recall))
 
     def interest_step(carry, s):
       state, h_ud, recalled_usm = carry  # recalled_usm: [U, S - 1, scan_k], 0 past each step's quota

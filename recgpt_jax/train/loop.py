@@ -194,6 +194,11 @@ class Run:
       if size % data_size:
         raise ConfigError(f"{name}={size} must be divisible by the mesh's data axis ({data_size} devices)")
 
+  def _needs_counts(self) -> bool:
+    """Whether the train step needs the training item counts (popularity prompts or negatives, in-batch logQ)."""
+    popularity_prompts = self.prompt_cfg is not None and self.prompt_cfg.source == "popularity"
+    return popularity_prompts or self.loss_cfg.needs_counts
+
   def _build_state(self) -> None:
     """The model, the optimizer over the run's schedule, and the sharded initial train state."""
     c = self.config
@@ -229,7 +234,7 @@ class Run:
       self.prompt_cfg,
       self.mesh,
       adam=optim.adam_spec(c.optimizer, self.total_steps) if c.train.row_sparse else None,
-      item_counts=self.item_counts if self.prompt_cfg is not None and self.prompt_cfg.source == "popularity" else None,
+      item_counts=self.item_counts if self._needs_counts() else None,
     )
     self.train_step = step_lib.jit_train_step(step_fn, self.state_sharding, self.mesh)
     self.batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
@@ -239,10 +244,18 @@ class Run:
     self.metric_names = tuple(f"{m}@{k}" for m in ("HR", "NDCG") for k in self.ks)
     # Evaluation, recall and recommendations score items with eval.head (default: the head the loss trains).
     self.head = config_lib.eval_head(c)
-    recall_fn = decoder.make_recall_fn(self.graphdef, quotas, self.head, self.mesh) if len(quotas) > 1 else None
+    approx = c.eval.get("approx_recall", 0.0)
+    recall_fn = decoder.make_recall_fn(self.graphdef, quotas, self.head, self.mesh, approx) if len(quotas) > 1 else None
     self.eval_step, self.eval_step_per_user = (
       metrics_lib.make_eval_step(
-        self.graphdef, self.ks, self.head, recall_fn, self.mesh, self.state_sharding.params, per_user=per_user
+        self.graphdef,
+        self.ks,
+        self.head,
+        recall_fn,
+        self.mesh,
+        self.state_sharding.params,
+        per_user=per_user,
+        approx_recall=approx,
       )
       for per_user in (False, True)
     )

@@ -19,7 +19,7 @@ from recgpt_jax.model import precision
 LOSSES = ("ce", "bce", "sampled_softmax")
 
 
-def _masked_mean(per_token: jax.Array, weights: jax.Array) -> jax.Array:
+def masked_mean(per_token: jax.Array, weights: jax.Array) -> jax.Array:
   return jnp.sum(per_token * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
@@ -59,7 +59,7 @@ def full_softmax_ce(logits_rlv: jax.Array, targets: jax.Array, exclude_rle: jax.
     logits_rlv = mask_items(logits_rlv, exclude_rle)
   lse = jax.nn.logsumexp(logits_rlv, axis=-1)
   target_logit = jnp.take_along_axis(logits_rlv, targets[..., None], axis=-1)[..., 0]
-  return _masked_mean(lse - target_logit, (targets > 0).astype(logits_rlv.dtype))
+  return masked_mean(lse - target_logit, (targets > 0).astype(logits_rlv.dtype))
 
 
 # Rows of at least this many positions use the sorted form. Measured on CPU (jit, 1-32 rows): below 32 both
@@ -205,7 +205,10 @@ def bce_loss(
   if exclude_rle is not None:
     neg_term = jnp.where(_excluded(negatives, exclude_rle), 0.0, neg_term)
   per_token = -jax.nn.log_sigmoid(pos) + neg_term
-  return _masked_mean(per_token, (targets > 0).astype(hidden_rld.dtype))
+  return masked_mean(per_token, (targets > 0).astype(hidden_rld.dtype))
+
+
+NEGATIVES = ("uniform", "popularity", "in_batch", "mixed")
 
 
 def sampled_softmax(
@@ -214,18 +217,81 @@ def sampled_softmax(
   targets: jax.Array,
   negatives_n: jax.Array,
   exclude_rle: jax.Array | None = None,
+  log_count_n: jax.Array | None = None,
 ) -> jax.Array:
-  """Softmax over the target and ``N`` negatives shared by the batch (uniform, so no logQ correction).
+  """Softmax over the target and ``N`` negatives shared by the batch.
 
-  A negative that happens to equal the token's target, or one of its excluded items, is masked out of that
-  token's softmax.
+  A negative that happens to equal the token's target, or one of its excluded items, or the padding id 0 (an
+  in-batch negative from a padding token) is masked out of that token's softmax.
+
+  With ``log_count_n`` (``log`` of each negative's expected number of occurrences among the ``N``,
+  ``negative_log_counts``), each negative's logit is corrected by it (the logQ correction): ``sum_j exp(s_j -
+  log E[count_j])`` over the drawn ``j`` is then an unbiased estimate of the softmax normaliser over all items,
+  whatever the sampler, so the loss approaches full CE as ``N`` grows. Without it (the original uniform form)
+  the negatives stand for themselves only.
   """
   pos = jnp.sum(hidden_rld.astype(jnp.float32) * table_vd[targets], axis=-1, keepdims=True)  # [r, l, 1]
   neg = precision.item_scores(hidden_rld, table_vd[negatives_n])  # [r, l, n] float32
-  masked = negatives_n[None, None, :] == targets[..., None]
+  if log_count_n is not None:
+    neg = neg - log_count_n.astype(jnp.float32)
+  masked = (negatives_n[None, None, :] == targets[..., None]) | (negatives_n == 0)
   if exclude_rle is not None:
     masked = masked | _excluded(negatives_n, exclude_rle)
   neg = jnp.where(masked, jnp.finfo(neg.dtype).min, neg)
   logits = jnp.concatenate([pos, neg], axis=-1)
   per_token = jax.nn.logsumexp(logits, axis=-1) - pos[..., 0]
-  return _masked_mean(per_token, (targets > 0).astype(hidden_rld.dtype))
+  return masked_mean(per_token, (targets > 0).astype(hidden_rld.dtype))
+
+
+def popularity_weights(item_counts) -> jax.Array:
+  """``[num_items + 1]`` float32 weights of popularity draws: training counts plus one (add-one smoothing: an item
+  never seen in training can still be drawn, so the corrected estimate of the normaliser covers every item);
+  0 for the padding id."""
+  counts = jnp.asarray(item_counts, jnp.float32)
+  return (counts + 1.0).at[0].set(0.0)
+
+
+def draw_negatives(
+  key: jax.Array, kind: str, num: int, num_items: int, targets: jax.Array, item_counts: jax.Array | None
+) -> jax.Array:
+  """The batch's shared negatives ``[N]`` (int32 ids, 0 = none) of ``sampled_softmax``.
+
+  ``'uniform'``: ``num`` ids uniform on ``1..num_items``; ``'popularity'``: ``num`` ids drawn with replacement
+  in proportion to ``item_counts + 1`` (``popularity_weights``; inverse CDF: a cumulative sum and ``num`` binary
+  searches, no ``[num, items]`` array); ``'in_batch'``: the batch's targets (``rows * len``, padding 0);
+  ``'mixed'``: the in-batch ones then ``num`` uniform ones (mixed negative sampling: frequent items from the
+  batch, the tail from the uniform draw).
+  """
+  if kind == "uniform":
+    return jax.random.randint(key, (num,), 1, num_items + 1, dtype=jnp.int32)
+  if kind == "popularity":
+    cdf = jnp.cumsum(popularity_weights(item_counts))
+    u = jax.random.uniform(key, (num,), maxval=cdf[-1])
+    return jnp.clip(jnp.searchsorted(cdf, u, side="right"), 1, num_items).astype(jnp.int32)
+  in_batch = targets.reshape(-1).astype(jnp.int32)
+  if kind == "in_batch":
+    return in_batch
+  if kind == "mixed":
+    return jnp.concatenate([in_batch, draw_negatives(key, "uniform", num, num_items, targets, None)])
+  raise ValueError(f"train.negatives must be one of {NEGATIVES}, got {kind!r}")
+
+
+def negative_log_counts(
+  negatives_n: jax.Array, kind: str, num: int, num_items: int, targets: jax.Array, item_counts: jax.Array | None
+) -> jax.Array:
+  """``log E[count]`` of each negative's id among the batch's negatives (``draw_negatives``), for the logQ
+  correction: ``num / num_items`` for uniform draws, ``num * w_j / sum w`` for popularity draws
+  (``popularity_weights``), ``T * q_j`` in-batch (the batch's ``T`` real targets follow the training frequency
+  ``q = item_counts / sum``) and their sum for ``'mixed'``. Padding ids get 0 (they are masked anyway)."""
+  uniform = num / num_items
+  if kind == "uniform":
+    expected = jnp.full(negatives_n.shape, uniform, jnp.float32)
+  elif kind == "popularity":
+    weights = popularity_weights(item_counts)
+    expected = num * weights[negatives_n] / jnp.sum(weights)
+  else:
+    counts = jnp.asarray(item_counts, jnp.float32)
+    expected = jnp.sum(targets > 0).astype(jnp.float32) * counts[negatives_n] / jnp.sum(counts)
+    if kind == "mixed":
+      expected = expected + uniform
+  return jnp.where(expected > 0, jnp.log(jnp.where(expected > 0, expected, 1.0)), 0.0)

@@ -35,6 +35,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from recgpt_jax.parallel import topk
+
 # Candidates per column kept by the scan (see pick_prompt_items); the exact fallback keeps it correct.
 NUM_CANDIDATES = 32
 
@@ -48,9 +50,11 @@ def _mask_padding(scores: jax.Array) -> jax.Array:
   return jnp.where(jnp.arange(scores.shape[-1]) == 0, jnp.finfo(scores.dtype).min, scores)
 
 
-def top_candidates(scores_rlv: jax.Array) -> jax.Array:
-  """The ``NUM_CANDIDATES`` best items of every column in score order (column 0 excluded)."""
-  return jax.lax.top_k(_mask_padding(scores_rlv), min(NUM_CANDIDATES, scores_rlv.shape[-1] - 1))[1]
+def top_candidates(scores_rlv: jax.Array, approx_recall: float = 0.0) -> jax.Array:
+  """The ``NUM_CANDIDATES`` best items of every column in score order (column 0 excluded); ``approx_recall``: 0 =
+  exact, else ``lax.approx_max_k``'s recall target (``topk.top_k``)."""
+  k = min(NUM_CANDIDATES, scores_rlv.shape[-1] - 1)
+  return topk.top_k(_mask_padding(scores_rlv), k, approx_recall)[1]
 
 
 def column_noise(key: jax.Array, column: jax.Array | int, shape: tuple[int, ...]) -> jax.Array:

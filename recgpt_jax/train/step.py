@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from recgpt_jax.parallel import mesh as mesh_lib
 from recgpt_jax.parallel import topk, vocab
-from recgpt_jax.train import losses, prompts, rows
+from recgpt_jax.train import blocked_ce, losses, prompts, rows
 
 Batch = dict[str, jax.Array]
 MODEL_INPUTS = ("items", "positions", "segments", "seq_ids", "users")
@@ -59,17 +59,39 @@ class LossConfig:
   num_negatives: int = 256
   head: str = "tied"  # which head scores items in the loss: 'tied' or 'untied'
   user_l2: float = 0.0
+  ce_block: int = 0  # ce: item rows per block of the blocked loss (0 = materialised logits)
+  negatives: str = "uniform"  # sampled_softmax: losses.NEGATIVES
+  logq: bool = True  # sampled_softmax: correct each negative's logit by log of its expected count
+
+  @property
+  def needs_counts(self) -> bool:
+    """Whether the loss needs the training item counts (popularity draws, or the in-batch logQ correction)."""
+    return self.kind == "sampled_softmax" and (
+      self.negatives == "popularity" or (self.logq and self.negatives in ("in_batch", "mixed"))
+    )
 
   def __post_init__(self):
     if self.kind not in losses.LOSSES:
       raise ValueError(f"train.loss must be one of {losses.LOSSES}, got {self.kind!r}")
     if self.user_l2 < 0:
       raise ValueError(f"train.user_l2 must be >= 0, got {self.user_l2}")
+    if self.ce_block < 0:
+      raise ValueError(f"train.ce_block must be >= 0, got {self.ce_block}")
+    if self.negatives not in losses.NEGATIVES:
+      raise ValueError(f"train.negatives must be one of {losses.NEGATIVES}, got {self.negatives!r}")
 
   @classmethod
   def from_config(cls, train) -> LossConfig:
     """The loss of a config's ``train`` section."""
-    return cls(kind=train.loss, num_negatives=train.num_negatives, head=train.head, user_l2=train.user_l2)
+    return cls(
+      kind=train.loss,
+      num_negatives=train.num_negatives,
+      head=train.head,
+      user_l2=train.user_l2,
+      ce_block=train.get("ce_block", 0),
+      negatives=train.get("negatives", "uniform"),
+      logq=train.get("logq", True),
+    )
 
 
 def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> tuple[nnx.GraphDef, TrainState]:
@@ -111,15 +133,26 @@ class PromptConfig:
   gen_dropout: bool = False
   aligned: bool = False
   aligned_top: int = 0
+  approx_recall: float = 0.0
 
 
-def _negatives(key: jax.Array, batch: Batch, loss_cfg: LossConfig, num_items: int) -> jax.Array | None:
-  """Negatives of the sampled losses (they depend on no parameter, so they are drawn outside the gradient)."""
+def _negatives(key: jax.Array, batch: Batch, loss_cfg: LossConfig, num_items: int, item_counts) -> Batch:
+  """``batch`` with the sampled losses' negatives (they depend on no parameter, so they are drawn outside the
+  gradient) and, for ``sampled_softmax`` with ``logq``, their log expected counts (from global ids: before the
+  row-sparse renumbering)."""
   if loss_cfg.kind == "bce":
-    return losses.sample_negatives(key, batch["items"], batch["targets"], batch["seq_ids"], num_items)
-  if loss_cfg.kind == "sampled_softmax":
-    return jax.random.randint(key, (loss_cfg.num_negatives,), 1, num_items + 1, dtype=jnp.int32)
-  return None
+    return {
+      **batch,
+      "negatives": losses.sample_negatives(key, batch["items"], batch["targets"], batch["seq_ids"], num_items),
+    }
+  if loss_cfg.kind != "sampled_softmax":
+    return batch
+  args = (loss_cfg.negatives, loss_cfg.num_negatives, num_items, batch["targets"], item_counts)
+  negatives = losses.draw_negatives(key, *args)
+  batch = {**batch, "negatives": negatives}
+  if loss_cfg.logq:
+    batch["negatives_log_count"] = losses.negative_log_counts(negatives, *args)
+  return batch
 
 
 def _loss_from_hidden(model, hidden, batch: Batch, loss_cfg: LossConfig, mesh) -> jax.Array:
@@ -127,14 +160,26 @@ def _loss_from_hidden(model, hidden, batch: Batch, loss_cfg: LossConfig, mesh) -
   targets, exclude = batch["targets"], batch.get("exclude")
   table, bias = model.head_weights(loss_cfg.head)
   if loss_cfg.kind == "ce":
-    if mesh is None:
-      return losses.full_softmax_ce(model.logits(hidden, loss_cfg.head), targets, exclude)
-    return vocab.sharded_softmax_ce(
-      hidden, table, targets, mesh=mesh, num_valid=model.cfg.num_items + 1, bias_v=bias, exclude_rle=exclude
-    )
+    num_valid = model.cfg.num_items + 1
+    if mesh is not None:
+      return vocab.sharded_softmax_ce(
+        hidden,
+        table,
+        targets,
+        mesh=mesh,
+        num_valid=num_valid,
+        bias_v=bias,
+        exclude_rle=exclude,
+        block=loss_cfg.ce_block,
+      )
+    if loss_cfg.ce_block:
+      return blocked_ce.blocked_softmax_ce(
+        hidden, table, targets, block=loss_cfg.ce_block, num_valid=num_valid, bias_v=bias, exclude_rle=exclude
+      )
+    return losses.full_softmax_ce(model.logits(hidden, loss_cfg.head), targets, exclude)
   if loss_cfg.kind == "bce":
     return losses.bce_loss(hidden, table, targets, batch["negatives"], exclude)
-  return losses.sampled_softmax(hidden, table, targets, batch["negatives"], exclude)
+  return losses.sampled_softmax(hidden, table, targets, batch["negatives"], exclude, batch.get("negatives_log_count"))
 
 
 def prompted_batch(
@@ -214,11 +259,12 @@ def prompted_batch(
         bias_v=bias,
         num_valid=num_items + 1,
         noise_uv=None if noise is None else noise.reshape(rows * length, vocab_size),
+        approx_recall=prompt_cfg.approx_recall,
       )
       candidates = candidates.reshape(rows, length, -1)
     else:
       scores = gen_model.logits(columns, prompt_cfg.head)
-      candidates = prompts.top_candidates(scores if noise is None else scores + noise)
+      candidates = prompts.top_candidates(scores if noise is None else scores + noise, prompt_cfg.approx_recall)
   picks = prompts.pick_from_candidates(candidates, batch, prompt_cfg.mode, prompt_cfg.width, columns, column_scores)
   out = {
     "items": prompts.fill_prompts(picks, batch),
@@ -301,8 +347,11 @@ def make_train_step(
   gradient. Without it, every parameter gets a dense gradient and ``tx`` alone updates them.
   """
 
-  if prompt_cfg is not None and prompt_cfg.source == "popularity":
-    item_counts = _checked_counts(item_counts)
+  if loss_cfg.needs_counts:
+    item_counts = _checked_counts(item_counts, f"train.negatives={loss_cfg.negatives!r}")
+  elif prompt_cfg is not None and prompt_cfg.source == "popularity":
+    item_counts = _checked_counts(item_counts, "prompt.source='popularity'")
+  loss_counts = item_counts if loss_cfg.needs_counts else None
 
   def train_step(state: TrainState, batch: Batch):
     with mesh_lib.kernel_mesh(mesh, nnx.merge(graphdef, state.params).cfg.attention_impl):
@@ -317,9 +366,7 @@ def make_train_step(
       gen_key = jax.random.fold_in(key, GEN_KEY_SALT)
       batch = prompted_batch(gen_model, batch, prompt_cfg, mesh, key=gen_key, item_counts=item_counts)
     cfg = nnx.merge(graphdef, state.params).cfg
-    negatives = _negatives(neg_key, batch, loss_cfg, cfg.num_items)
-    if negatives is not None:
-      batch = {**batch, "negatives": negatives}
+    batch = _negatives(neg_key, batch, loss_cfg, cfg.num_items, loss_counts)
     tables = _row_tables(cfg.user_module, loss_cfg) if adam is not None else ()
     params, batch, ids = rows.take_rows(state.params, batch, tables)
 
@@ -352,10 +399,10 @@ def make_train_step(
   return train_step
 
 
-def _checked_counts(item_counts) -> np.ndarray:
-  """``item_counts`` of ``source='popularity'`` as an int32 host array, checked."""
+def _checked_counts(item_counts, user: str) -> np.ndarray:
+  """``item_counts`` (needed by ``user``, a setting) as an int32 host array, checked."""
   if item_counts is None:
-    raise ValueError("prompt.source='popularity' needs item_counts: make_train_step(..., item_counts=counts)")
+    raise ValueError(f"{user} needs item_counts: make_train_step(..., item_counts=counts)")
   counts = np.asarray(item_counts)
   total = int(counts[1:].sum(dtype=np.int64)) if counts.ndim == 1 else 0
   if counts.ndim != 1 or (counts < 0).any() or not 0 < total < 2**31:

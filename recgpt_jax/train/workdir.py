@@ -56,6 +56,7 @@ RESUME_FREE = (
   "train.log_every_steps",
   "train.checkpoint_every_steps",
   "train.keep_checkpoints",
+  "train.ce_block",  # blocked or materialised CE: the same loss
 )
 # Config fields that must match for a workdir to be used for evaluation, recommendations or a warm start.
 COMPAT_FIELDS = ("dataset", "max_len", "model")
@@ -63,6 +64,14 @@ COMPAT_FIELDS = ("dataset", "max_len", "model")
 RUNTIME_MODEL_FIELDS = ("attn_dropout", "hidden_dropout", "user_dropout", "attention_impl", "flow_chunk", "dtype")
 # Fields added after runs were saved: a saved config without them had these values.
 MODEL_FIELD_DEFAULTS = {"param_dtype": "float32"}
+ADDED_FIELD_DEFAULTS = {
+  "train.negatives": "uniform",
+  "train.logq": False,  # sampled_softmax had no correction before
+  "eval.approx_recall": 0.0,
+  "prompt.approx_recall": 0.0,
+}
+# Fields only one loss reads: a run with another loss (before and after) may have any value of them.
+LOSS_FIELDS = {"sampled_softmax": ("train.num_negatives", "train.negatives", "train.logq")}
 # With a constant learning rate the schedule does not depend on the run's length: it may be extended or cut.
 EXTENDABLE = ("train.num_epochs", "train.max_steps", "train.patience")
 
@@ -81,8 +90,13 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def _free(field: str, new: dict) -> bool:
+def _free(field: str, old: dict, new: dict) -> bool:
   if any(field == f or (f.endswith(".") and field.startswith(f)) for f in RESUME_FREE):
+    return True
+  if any(
+    field in fields and loss not in (old.get("train.loss"), new.get("train.loss"))
+    for loss, fields in LOSS_FIELDS.items()
+  ):
     return True
   return field in EXTENDABLE and new.get("optimizer.schedule") == "constant"
 
@@ -91,10 +105,10 @@ def resume_differences(old: dict, new: dict) -> list[str]:
   """The training-relevant config fields that differ between a saved run (``old``) and this command (``new``),
   as ``'field: old -> new'``."""
   old = {**old, "model": MODEL_FIELD_DEFAULTS | old.get("model", {})}  # fields added after the run was saved
-  old_flat, new_flat = _flatten(old), _flatten(new)
+  old_flat, new_flat = ADDED_FIELD_DEFAULTS | _flatten(old), _flatten(new)
   lines = []
   for field in sorted(set(old_flat) | set(new_flat)):
-    if _free(field, new_flat):
+    if _free(field, old_flat, new_flat):
       continue
     a, b = old_flat.get(field, "<unset>"), new_flat.get(field, "<unset>")
     if isinstance(a, list):

@@ -117,16 +117,20 @@ def test_aligned_step_loss_equals_hand_assembled_loss(mode, width, mesh_shape):
   assert int(metrics["tokens"]) == (targets > 0).sum()
 
 
-@pytest.mark.parametrize("kind", ["bce", "sampled_softmax"])
-def test_aligned_row_sparse_step_equals_dense_step(kind):
+@pytest.mark.parametrize(
+  ("kind", "negatives"), [("bce", "uniform"), ("sampled_softmax", "uniform"), ("sampled_softmax", "mixed")]
+)
+def test_aligned_row_sparse_step_equals_dense_step(kind, negatives):
   """Under a sampled loss the item table is updated by row and the batch's ids renumbered: the exclusions
-  and the slots' feedback (hard-negative term) must be renumbered with them."""
+  and the slots' feedback (hard-negative term) must be renumbered with them, and the logQ correction of the
+  (in-batch and uniform) negatives taken from their global ids."""
   graphdef, tx, state, batch = _setup("interleave", 2)
-  loss_cfg = step_lib.LossConfig(kind=kind, num_negatives=16)
+  loss_cfg = step_lib.LossConfig(kind=kind, num_negatives=16, negatives=negatives)
   prompt_cfg = step_lib.PromptConfig(mode="interleave", width=2, aligned=True, hard_negative_weight=0.5)
   adam = optim.adam_spec(base_config().optimizer, 10)
-  sparse = jax.jit(step_lib.make_train_step(graphdef, tx, loss_cfg, prompt_cfg, adam=adam))
-  dense = jax.jit(step_lib.make_train_step(graphdef, tx, loss_cfg, prompt_cfg))
+  counts = {"item_counts": COUNTS}
+  sparse = jax.jit(step_lib.make_train_step(graphdef, tx, loss_cfg, prompt_cfg, adam=adam, **counts))
+  dense = jax.jit(step_lib.make_train_step(graphdef, tx, loss_cfg, prompt_cfg, **counts))
   (state_a, metrics_a), (state_b, metrics_b) = sparse(state, batch), dense(state, batch)
   for key in metrics_b:
     np.testing.assert_allclose(float(metrics_a[key]), float(metrics_b[key]), rtol=1e-5, err_msg=key)
@@ -194,3 +198,26 @@ def test_prompted_batch_excludes_the_first_list():
     step_lib.prompted_batch(
       model, batch, step_lib.PromptConfig(source="uniform", aligned=True, aligned_top=2), key=jax.random.key(0)
     )
+
+
+@pytest.mark.parametrize(("head", "mesh_shape"), [("untied", None), ("tied", (2, 2))])
+def test_blocked_ce_step_equals_materialised_step(head, mesh_shape):
+  """``train.ce_block``: the aligned prompt-tuning step (exclusions in the softmax) with the item table swept in
+  blocks of 16 rows (84 rows: the last block shifted back) gives the materialised step's loss and update, on
+  one device and on a 2x2 mesh with the vocabulary split."""
+  graphdef, tx, state, batch = _setup("interleave", 2, vocab_multiple=4, untied_head=head == "untied")
+  prompt_cfg = step_lib.PromptConfig(mode="interleave", width=2, aligned=True)
+  mesh = None
+  if mesh_shape is not None:
+    axis_types = (jax.sharding.AxisType.Auto,) * 2
+    mesh = jax.make_mesh(mesh_shape, ("data", "model"), axis_types=axis_types, devices=jax.devices()[:4])
+  steps = [
+    jax.jit(
+      step_lib.make_train_step(graphdef, tx, step_lib.LossConfig(kind="ce", head=head, ce_block=b), prompt_cfg, mesh)
+    )
+    for b in (0, 16)
+  ]
+  (state_a, metrics_a), (state_b, metrics_b) = (s(state, batch) for s in steps)
+  np.testing.assert_allclose(float(metrics_b["loss"]), float(metrics_a["loss"]), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_b.params), strict=True):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from recgpt_jax.config import base_config
 from recgpt_jax.errors import UserError
 from recgpt_jax.train import loop
 from recgpt_jax.train import workdir as workdir_lib
@@ -304,3 +305,18 @@ def test_rerun_of_a_finished_run_keeps_its_record(dataset, copy):
   loop.train_and_evaluate(cfg, str(copy))
   assert (copy / "results.json").read_bytes() == results and (copy / loop.EVALUATION_FILE).is_file()
   assert json.loads((copy / "config.json").read_text())["train"]["num_epochs"] == EPOCHS
+
+
+def test_resume_differences_of_fields_added_later_and_of_other_losses():
+  """A config saved before ``train.negatives``/``train.logq``/``train.ce_block`` existed resumes under today's
+  defaults, except a sampled-softmax run (it had no logQ correction); fields only another loss reads may differ."""
+  new = json.loads(base_config().to_json())
+  old = json.loads(base_config().to_json())
+  for field in ("negatives", "logq", "ce_block"):
+    del old["train"][field]
+  assert workdir_lib.resume_differences(old, new) == []
+  old["train"]["num_negatives"] = 7  # read by sampled_softmax only
+  assert workdir_lib.resume_differences(old, new) == []
+  old["train"]["loss"] = new["train"]["loss"] = "sampled_softmax"
+  new["train"]["num_negatives"] = 7
+  assert workdir_lib.resume_differences(old, new) == ["train.logq: False -> True"]
