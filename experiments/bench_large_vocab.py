@@ -135,7 +135,7 @@ def _markdown(record: dict) -> str:
     " an estimate of device memory); peak RSS is the whole process's (model, Adam state, the compiled program"
     " and its buffers).",
     "",
-    "| form | step memory (estimate) | of which temporaries | vs materialised | peak RSS | s / step | loss |",
+    "| form | step memory (estimate) | of which temporaries | materialised / this | peak RSS | s / step | loss |",
     "|---|---|---|---|---|---|---|",
   ]
   base = next((r for r in record["results"] if r["form"] == "materialised_ce"), None)
@@ -146,9 +146,7 @@ def _markdown(record: dict) -> str:
     m = r["memory_analysis_estimate"]
     ratio = ""
     if base is not None and "error" not in base:
-      ratio = f"{base['memory_analysis_estimate']['total_bytes'] / m['total_bytes']:.1f}x smaller"
-      if r is base:
-        ratio = "1.0x"
+      ratio = f"{base['memory_analysis_estimate']['total_bytes'] / m['total_bytes']:.1f}x"
     lines.append(
       f"| {r['form']} | {m['total_bytes'] / 2**30:.2f} GiB | {m['temp_bytes'] / 2**30:.2f} GiB | {ratio} |"
       f" {r['peak_rss_bytes'] / 2**30:.2f} GiB | {r['step_s_median']:.3f} | {r['loss']:.3f} |"
