@@ -22,6 +22,7 @@ setuptools.setup(
         "absl-py>=2.1",
         "ml_collections>=1.0",
         "numpy>=1.26",
+        "pyarrow>=14",  # interaction logs (CSV/TSV/Parquet) and synthetic logs
         "tensorboardX>=2.6",
         "tqdm>=4.66",
     ],

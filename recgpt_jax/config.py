@@ -17,7 +17,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = "run"  # run name, used for the results file name
   c.dataset = "Beauty"  # bundled dataset name (Beauty, Sports_and_Outdoors, Toys_and_Games, Yelp) or a path
-  c.data_format = "auto"  # 'auto', 'text' (RecGPT format) or 'interactions' (CSV/TSV user,item,timestamp)
+  c.data_format = "auto"  # 'auto', 'text' (RecGPT format) or 'interactions' (CSV/TSV/Parquet user,item,timestamp)
   c.k_core = 0  # k-core filter applied to an interaction log (0 = off)
   c.max_len = 50  # model window: histories are cut to their last max_len items
   c.seed = 0  # parameter init, data order, dropout and negative sampling all derive from it

@@ -164,7 +164,8 @@ DATA_CASES = [
     id="csv-too-few-items",
   ),
   *[pytest.param(f"garbage{s}.csv", _random_garbage(s), [f"garbage{s}.csv"], id=f"csv-garbage-{s}") for s in range(2)],
-  pytest.param("data.parquet", b"PAR1", ["data.parquet", "--config.data_format=text"], id="unknown-suffix"),
+  pytest.param("data.json", b"{}", ["data.json", "--config.data_format=text"], id="unknown-suffix"),
+  pytest.param("cut.parquet", b"PAR1\x00\x01", ["cut.parquet", "not a readable Parquet file"], id="parquet-truncated"),
 ]
 
 

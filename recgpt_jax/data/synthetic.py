@@ -208,32 +208,40 @@ def _writer(tmp: pathlib.Path, fmt: str, schema):
   return pacsv.CSVWriter(tmp, schema, write_options=pacsv.WriteOptions(delimiter="\t" if fmt == "tsv" else ","))
 
 
-_INTERACTIONS = flags.DEFINE_float("interactions", None, "Rows of the log (e.g. 1e8).")
-_ITEMS = flags.DEFINE_float("items", None, "Catalogue size (e.g. 1e6).")
-_OUT = flags.DEFINE_string("out", None, "Output file: .parquet, .csv or .tsv.")
-_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
-_ITEM_EXPONENT = flags.DEFINE_float("item_exponent", 1.0, "Zipf exponent of item popularity.")
-_USER_EXPONENT = flags.DEFINE_float("user_exponent", 1.5, "Pareto tail exponent of user activity.")
-_COHERENCE = flags.DEFINE_float("coherence", 0.5, "Probability that a session's next item is near the last one.")
-_CHUNK_ROWS = flags.DEFINE_integer("chunk_rows", 2_000_000, "Rows generated and written at a time.")
+def _define_flags() -> dict:
+  """The command line's flags, defined only when the module runs as a program (importing it defines none)."""
+  return {
+    "interactions": flags.DEFINE_float("interactions", None, "Rows of the log (e.g. 1e8)."),
+    "items": flags.DEFINE_float("items", None, "Catalogue size (e.g. 1e6)."),
+    "out": flags.DEFINE_string("out", None, "Output file: .parquet, .csv or .tsv."),
+    "seed": flags.DEFINE_integer("seed", 0, "Random seed."),
+    "item_exponent": flags.DEFINE_float("item_exponent", 1.0, "Zipf exponent of item popularity."),
+    "user_exponent": flags.DEFINE_float("user_exponent", 1.5, "Pareto tail exponent of user activity."),
+    "coherence": flags.DEFINE_float("coherence", 0.5, "Probability that a session's next item is near the last."),
+    "chunk_rows": flags.DEFINE_integer("chunk_rows", 2_000_000, "Rows generated and written at a time."),
+  }
+
+
+_FLAGS: dict = {}
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  missing = [f"--{f.name}" for f in (_INTERACTIONS, _ITEMS, _OUT) if f.value is None]
+  f = {name: holder.value for name, holder in _FLAGS.items()}
+  missing = [f"--{name}" for name in ("interactions", "items", "out") if f[name] is None]
   try:
     if missing:
       raise UserError(f"{' and '.join(missing)} must be given")
     shape = LogShape(
-      interactions=int(_INTERACTIONS.value),
-      items=int(_ITEMS.value),
-      item_exponent=_ITEM_EXPONENT.value,
-      user_exponent=_USER_EXPONENT.value,
-      coherence=_COHERENCE.value,
-      seed=_SEED.value,
+      interactions=int(f["interactions"]),
+      items=int(f["items"]),
+      item_exponent=f["item_exponent"],
+      user_exponent=f["user_exponent"],
+      coherence=f["coherence"],
+      seed=f["seed"],
     )
-    summary = write_log(_OUT.value, shape, chunk_rows=_CHUNK_ROWS.value, progress=True)
+    summary = write_log(f["out"], shape, chunk_rows=f["chunk_rows"], progress=True)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(e.exit_code)
@@ -244,4 +252,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  _FLAGS.update(_define_flags())
   app.run(main, flags_parser=errors.parse_flags_or_exit)
