@@ -143,7 +143,10 @@ def test_divergence_aborts_with_clear_error(tmp_path):
   log.close()
 
 
-@pytest.mark.parametrize(("mode", "width", "hard"), [("last", 1, 0.0), ("interleave", 1, 0.5)])
+# The interleave variant is marked slow (make test-slow) to keep make test under its time budget.
+@pytest.mark.parametrize(
+  ("mode", "width", "hard"), [("last", 1, 0.0), pytest.param("interleave", 1, 0.5, marks=pytest.mark.slow)]
+)
 def test_prompt_tuning_warm_starts_and_learns(dataset, tmp_path, mode, width, hard):
   pre = tmp_path / "pre"
   loop.train_and_evaluate(tiny_config(dataset, **{"train.num_epochs": 4}), str(pre))

@@ -45,7 +45,8 @@ TOLERANCES = {"float32": (2e-5, 1e-5, 2e-6), "bfloat16": (1e-3, 1e-3, 1e-4)}  # 
 
 @pytest.mark.parametrize(
   ("name", "dtype"),
-  [(name, "float32") for name in CASES] + [("bce", "bfloat16"), ("ce_untied_prompt_hardneg_clip", "bfloat16")],
+  [(name, "float32") for name in CASES]
+  + [pytest.param(n, "bfloat16", marks=pytest.mark.slow) for n in ("bce", "ce_untied_prompt_hardneg_clip")],
 )
 def test_row_sparse_steps_equal_dense_steps(name, dtype):
   loss, head, prompt, clip_norm, weight_decay = CASES[name]

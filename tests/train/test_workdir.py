@@ -237,7 +237,11 @@ def per_epoch(dataset, tmp_path) -> int:
   return loop.Run(config(dataset), tmp_path / "probe").train_input.steps_per_epoch(0)
 
 
-@pytest.mark.parametrize("when", ["mid_epoch", "epoch_end", "max_steps"])
+# The epoch-end and max-steps edges are marked slow (make test-slow) to keep make test under its time budget.
+@pytest.mark.parametrize(
+  "when",
+  ["mid_epoch", pytest.param("epoch_end", marks=pytest.mark.slow), pytest.param("max_steps", marks=pytest.mark.slow)],
+)
 def test_sigterm_saves_and_resumes_exactly(dataset, finished, tmp_path, monkeypatch, when):
   import contextlib
   import threading
