@@ -1,0 +1,195 @@
+"""Recall of approximate top-k (``eval.approx_recall``) against the exact top-k: a trained Beauty model and a
+10^6-item table.
+
+``lax.approx_max_k`` is a partial reduction on TPU only; XLA on CPU and GPU falls back to the exact top-k, so
+here every approximate top-k of evaluation and of the multi-interest recall is replaced by
+``topk.emulated_approx_max_k``, TPU's reduction (same window count as XLA's, tested) in plain ``jnp``: the
+figures are those the TPU algorithm would give, computed on this machine (an emulation, not a TPU run).
+
+* Beauty: the study's pre-trained model (``--workdir``, default ``runs/study/grid/Beauty__ce__s0``), every test
+  user's list under the plain top-20 and the two-step recall (18, 2): recall@20 of the approximate list against
+  the exact one, and HR@10 / NDCG@10 / HR@20 with each;
+* a random ``[10^6, 64]`` item table and 512 random queries: recall@20 (and @100) of the reduction.
+
+  python -m experiments.bench_approx_topk [--workdir=runs/study/grid/Beauty__ce__s0]
+
+Writes experiments/results/bench_approx_topk.{json,md} with the command, date and machine.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import pathlib
+import sys
+
+from absl import app, flags
+
+from recgpt_jax import errors, provenance
+
+_WORKDIR = flags.DEFINE_string("workdir", "runs/study/grid/Beauty__ce__s0", "A finished study run (Beauty ce).")
+_TARGETS = flags.DEFINE_list("targets", ["0.8", "0.9", "0.95"], "Recall targets of approx_max_k.")
+_ITEMS = flags.DEFINE_integer("items", 1_000_000, "Rows of the random table.")
+_OUT = flags.DEFINE_string("out", "experiments/results", "Where the results go.")
+
+
+def _emulate_approx():
+  """Makes every ``topk.top_k(..., approx_recall > 0)`` use the emulated TPU reduction (module-level patch)."""
+  from recgpt_jax.parallel import topk
+
+  exact = topk.top_k
+
+  def top_k(scores, k, approx_recall=0.0):
+    if approx_recall:
+      return topk.emulated_approx_max_k(scores, k, approx_recall)
+    return exact(scores, k)
+
+  topk.top_k = top_k
+
+
+def _overlap(a, b) -> float:
+  """Mean over rows of |a_row & b_row| / width."""
+  import numpy as np
+
+  return float(np.mean([len(set(x) & set(y)) / len(y) for x, y in zip(a, b, strict=True)]))
+
+
+def beauty(workdir: pathlib.Path, targets: list[float]) -> dict:
+  import jax
+  import numpy as np
+
+  from experiments import study
+  from recgpt_jax.eval import metrics as metrics_lib
+  from recgpt_jax.recall import decoder
+  from recgpt_jax.train import loop
+
+  spec = next(s for s in study.grid_runs(["Beauty"], ["ce"], [0], workdir.parents[1], pathlib.Path("/nonexistent")))
+  c = spec.config()
+  c.init_from = ""
+  run = loop.Run(c, workdir, writer=False)
+  params, _ = run.ckpt.restore_best(run.state.params)
+  run.ckpt.close()
+  batches = run.eval_batches["test"]
+  out = {"workdir": str(workdir), "users": int(len(run.eval_sets["test"].users)), "settings": []}
+  for quotas in ((20,), (18, 2)):
+    lists = {}
+    for target in (0.0, *targets):
+      fn = decoder.make_recall_fn(run.graphdef, quotas, run.head, approx_recall=target)
+      items, answers = [], []
+      for batch in batches:
+        real = batch["answer"] > 0
+        items.append(np.asarray(jax.device_get(fn(params, batch)["items"]))[real])
+        answers.append(batch["answer"][real])
+      items, answers = np.concatenate(items), np.concatenate(answers)
+      m = metrics_lib.list_metrics(items, answers, (10, 20))
+      lists[target] = items
+      out["settings"].append(
+        {
+          "quotas": list(quotas),
+          "approx_recall": target,
+          "recall_at_20_vs_exact": _overlap(items, lists[0.0]),
+          **{k: float(np.mean(m[k])) for k in ("HR@10", "NDCG@10", "HR@20")},
+        }
+      )
+      print(f"  Beauty {quotas} target {target}: {out['settings'][-1]}", file=sys.stderr, flush=True)
+  return out
+
+
+def table(items: int, targets: list[float]) -> dict:
+  import jax
+  import numpy as np
+
+  from recgpt_jax.parallel import topk
+
+  q = jax.random.normal(jax.random.key(0), (512, 64))
+  t = jax.random.normal(jax.random.key(1), (items, 64))
+  scores = jax.jit(lambda q, t: q @ t.T)(q, t)
+  out = {"items": items, "queries": 512, "settings": []}
+  for k in (20, 100):
+    exact = np.asarray(jax.lax.top_k(scores, k)[1])
+    for target in targets:
+      approx = np.asarray(jax.jit(lambda s, k=k, r=target: topk.emulated_approx_max_k(s, k, r))(scores)[1])
+      windows = topk.approx_windows(items, k, target)
+      out["settings"].append(
+        {
+          "k": k,
+          "approx_recall": target,
+          "windows": windows,
+          "xla_estimate": float(np.exp((1 - k) / windows)),
+          "recall_vs_exact": _overlap(approx, exact),
+        }
+      )
+      print(f"  table k={k} target {target}: {out['settings'][-1]}", file=sys.stderr, flush=True)
+  return out
+
+
+def _markdown(r: dict) -> str:
+  lines = [
+    "# Approximate top-k (`eval.approx_recall`): recall against the exact top-k",
+    "",
+    f"Command: `{r['command']}`  ",
+    f"Date: {r['date']}; machine: {r['cpu']}; commit {r['git_commit']}.",
+    "",
+    "**An emulation**: XLA on CPU (and GPU) falls back to the exact top-k, so each approximate top-k is TPU's",
+    "partial reduction computed in `jnp` (`topk.emulated_approx_max_k`: XLA's window count, each window keeps",
+    "its maximum, exact top-k of the maxima). Not a TPU run.",
+    "",
+    f"## Beauty, pre-trained CE model ({r['beauty']['users']:,} test users, `{r['beauty']['workdir']}`)",
+    "",
+    "| recall | approx_recall | recall@20 vs exact list | HR@10 | NDCG@10 | HR@20 |",
+    "|---|---|---|---|---|---|",
+  ]
+  for s in r["beauty"]["settings"]:
+    name = "+".join(map(str, s["quotas"]))
+    target = "exact" if not s["approx_recall"] else s["approx_recall"]
+    lines.append(
+      f"| {name} | {target} | {s['recall_at_20_vs_exact']:.4f} | {s['HR@10']:.4f} | {s['NDCG@10']:.4f}"
+      f" | {s['HR@20']:.4f} |"
+    )
+  t = r["table"]
+  lines += [
+    "",
+    f"## Random table: {t['items']:,} items x 64, {t['queries']} random queries",
+    "",
+    "| k | approx_recall | windows | XLA's estimate exp(-(k-1)/windows) | recall vs exact |",
+    "|---|---|---|---|---|",
+  ]
+  for s in t["settings"]:
+    lines.append(
+      f"| {s['k']} | {s['approx_recall']} | {s['windows']:,} | {s['xla_estimate']:.4f} | {s['recall_vs_exact']:.4f} |"
+    )
+  return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  try:
+    targets = [float(x) for x in _TARGETS.value]
+  except ValueError:
+    print(f"error: --targets must be numbers in (0, 1), got {_TARGETS.value}", file=sys.stderr)
+    sys.exit(2)
+  if not all(0 < x < 1 for x in targets):
+    print(f"error: --targets must be in (0, 1), got {targets}", file=sys.stderr)
+    sys.exit(2)
+  workdir = pathlib.Path(_WORKDIR.value)
+  if not (workdir / "best").is_dir():
+    print(f"error: {workdir} holds no finished run (no best/); run the study's Beauty ce first", file=sys.stderr)
+    sys.exit(2)
+  _emulate_approx()
+  record = {
+    "command": "python -m experiments.bench_approx_topk " + " ".join(sys.argv[1:]),
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "cpu": provenance.cpu_name(),
+    "git_commit": provenance.git_commit(),
+    "beauty": beauty(workdir, targets),
+    "table": table(_ITEMS.value, targets),
+  }
+  out = pathlib.Path(_OUT.value)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "bench_approx_topk.json").write_text(json.dumps(record, indent=2) + "\n")
+  (out / "bench_approx_topk.md").write_text(_markdown(record))
+  print(_markdown(record))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=errors.parse_flags_or_exit)
