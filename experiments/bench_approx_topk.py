@@ -18,8 +18,6 @@ Writes experiments/results/bench_approx_topk.{json,md} with the command, date an
 
 from __future__ import annotations
 
-import datetime
-import json
 import pathlib
 import sys
 
@@ -177,18 +175,11 @@ def main(argv: list[str]) -> None:
     sys.exit(2)
   _emulate_approx()
   record = {
-    "command": "python -m experiments.bench_approx_topk " + " ".join(sys.argv[1:]),
-    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    "cpu": provenance.cpu_name(),
-    "git_commit": provenance.git_commit(),
+    **provenance.record_header("experiments.bench_approx_topk"),
     "beauty": beauty(workdir, targets),
     "table": table(_ITEMS.value, targets),
   }
-  out = pathlib.Path(_OUT.value)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "bench_approx_topk.json").write_text(json.dumps(record, indent=2) + "\n")
-  (out / "bench_approx_topk.md").write_text(_markdown(record))
-  print(_markdown(record))
+  provenance.write_record(_OUT.value, "bench_approx_topk", record, _markdown(record))
 
 
 if __name__ == "__main__":

@@ -12,10 +12,8 @@ Writes experiments/results/bench_large_vocab.{json,md} with the command, date an
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import pathlib
 import resource
 import subprocess
 import sys
@@ -180,10 +178,7 @@ def main(argv: list[str]) -> None:
       results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     print(f"[{form}] {json.dumps(results[-1])[:300]}", file=sys.stderr, flush=True)
   record = {
-    "command": "python -m experiments.bench_large_vocab " + " ".join(sys.argv[1:]),
-    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    "cpu": provenance.cpu_name(),
-    "git_commit": provenance.git_commit(),
+    **provenance.record_header("experiments.bench_large_vocab"),
     "items": _ITEMS.value,
     "rows": _ROWS.value,
     "row_len": _ROW_LEN.value,
@@ -193,11 +188,7 @@ def main(argv: list[str]) -> None:
     "num_negatives": _NEGATIVES.value,
     "results": results,
   }
-  out = pathlib.Path(_OUT.value)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "bench_large_vocab.json").write_text(json.dumps(record, indent=2) + "\n")
-  (out / "bench_large_vocab.md").write_text(_markdown(record))
-  print(_markdown(record))
+  provenance.write_record(_OUT.value, "bench_large_vocab", record, _markdown(record))
 
 
 if __name__ == "__main__":

@@ -31,3 +31,28 @@ def git_commit(root: pathlib.Path = ROOT, unknown: str = "unknown") -> str:
     return out.stdout.strip() + ("+dirty" if dirty.strip() else "")
   except (OSError, subprocess.CalledProcessError):
     return unknown
+
+
+def record_header(module: str) -> dict:
+  """The provenance fields every results record starts with: the command (``python -m <module> <args>``), the UTC
+  date, the CPU and the git commit."""
+  import datetime
+  import sys
+
+  return {
+    "command": f"python -m {module} " + " ".join(sys.argv[1:]),
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "cpu": cpu_name(),
+    "git_commit": git_commit(),
+  }
+
+
+def write_record(out_dir: str | pathlib.Path, name: str, record: dict, markdown: str) -> None:
+  """Writes ``<out_dir>/<name>.json`` (the record) and ``<name>.md`` (its readable table), and prints the table."""
+  import json
+
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+  (out / f"{name}.md").write_text(markdown)
+  print(markdown)
