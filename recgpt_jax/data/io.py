@@ -192,21 +192,14 @@ def _one_line(message: str) -> str:
 
 def _read_bytes(path: str | os.PathLike) -> bytes:
   """Returns the contents of ``path``, decompressed if it is gzipped (by magic bytes or suffix)."""
-  try:
-    with open(path, "rb") as f:
-      raw = f.read()
-  except FileNotFoundError:
-    raise DataError(f"{path}: no such file") from None
-  except IsADirectoryError:
-    raise DataError(f"{path}: is a directory, expected a file") from None
-  except OSError as e:
-    raise DataError(_one_line(f"{path}: cannot read ({e.strerror or e})")) from None
-  if raw.startswith(_GZIP_MAGIC) or str(path).endswith(".gz"):
+  f, gzipped = _open_binary(str(path))
+  with f:
     try:
-      return gzip.decompress(raw)
+      return f.read()
     except (OSError, EOFError, zlib.error) as e:
-      raise DataError(_one_line(f"{path}: cannot decompress gzip data ({e})")) from None
-  return raw
+      if gzipped:
+        raise DataError(_one_line(f"{path}: cannot decompress gzip data ({e})")) from None
+      raise DataError(_one_line(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})")) from None
 
 
 def _quote_token(token: bytes) -> str:
