@@ -249,18 +249,7 @@ def train_batches(source, part: str, n: int, *, row_len: int, rows: int) -> tupl
   if GRAIN_ERROR is None:
     it = ti.epoch_iterator(0)
     return [next(it) for _ in range(n)], "data.pipeline.TrainInput (Grain)"
-  order, place = ti._plan(0)
-  assemble = pipeline._EpochBatches(
-    ti._tokens_t,
-    ti._starts[order],
-    ti._lengths[order],
-    ti._users[order],
-    place,
-    rows_per_batch=ti.rows_per_batch,
-    row_len=ti.row_len,
-    prompted=ti.prompt_mode is not None,
-    row_range=ti.row_range,
-  )
+  assemble = ti.assembler(0)
   return [assemble(b) for b in range(n)], "data.pipeline.TrainInput plan + assembler without Grain (not importable)"
 
 

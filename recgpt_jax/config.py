@@ -86,6 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.users_per_batch = 1024  # users scored per evaluation step
   c.eval.rows_per_batch = 256  # packed rows per evaluation step (row length = train.row_len)
   c.eval.metric = "NDCG@10"  # validation metric used to select the best model
+  # Users evaluated (valid and test): 0 = all; n = a fixed random sample of n users (seed 0, the same in every run
+  # and process), for catalogues and user bases of production size.
+  c.eval.max_users = 0
   # Top-k of evaluation, recall and recommendations: 0 = exact (lax.top_k); in (0, 1) = lax.approx_max_k with this
   # recall target (a partial reduction on TPU; CPU and GPU fall back to the exact top-k).
   c.eval.approx_recall = 0.0
@@ -240,6 +243,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   need(c.eval.head in ("", "tied", "untied"), f"eval.head must be '', 'tied' or 'untied', got {c.eval.head!r}")
   need(c.eval.head != "untied" or c.model.untied_head, "eval.head='untied' needs model.untied_head=True")
   need(c.eval.users_per_batch >= 1 and c.eval.rows_per_batch >= 1, "eval batch sizes must be >= 1")
+  need(c.eval.max_users >= 0, f"eval.max_users must be >= 0, got {c.eval.max_users}")
   for section in ("eval", "prompt"):
     recall = c[section].approx_recall
     need(0 <= recall < 1, f"{section}.approx_recall must be in [0, 1) (0 = exact top-k), got {recall}")

@@ -1024,6 +1024,16 @@ def _build_dense(columns: list, user_raw, item_raw, source: str) -> SequenceData
   )
 
 
+def is_interaction_log(name_or_path: str | os.PathLike) -> bool:
+  """Whether ``load_dataset(name_or_path)`` would read an interaction log (not a bundled name or a text file).
+
+  Raises:
+    errors.DataError: if the path's format cannot be told from its name.
+  """
+  name = os.fspath(name_or_path)
+  return name.lower() not in _ALIASES and _guess_format(name) == "interactions"
+
+
 def _guess_format(path: str) -> str:
   """'text' or 'interactions' from the file name, or a DataError if the suffix says neither."""
   name = path.lower()

@@ -6,21 +6,23 @@ into batches of ``rows_per_batch`` rows of ``row_len`` (``packing.first_fit``) -
 batch (``items``, ``targets``, ``positions``, ``segments``, ``seq_ids``, ``users``, all int32
 ``[rows_per_batch, row_len]``).
 
-The source is read once and its train examples are kept in memory as flat token buffers (the bundled
-datasets are a few hundred thousand tokens; reading the TFDS source costs ~0.5 s, an epoch of packing
-~0.1 s). Each epoch computes the packing plan of its shuffled order in numpy and exposes the batches as
-a ``grain.MapDataset`` over batch indices, so ``steps_per_epoch`` is exact and the Grain iterator state
-(the next batch index) resumes a run at exactly the next batch. Grain's own
-``FirstFitPackIterDataset`` packs equally well (same first-fit rule) but costs ~4 s per Beauty epoch in
-per-element Python and cannot report the epoch length before running it.
+Only the users' lengths are held: each epoch's packing plan is computed in numpy from them (first fit over the
+shuffled order), and batch ``b`` reads just the records packed into this process's rows (``_EpochBatches``), so no
+process holds the whole dataset when the source is a store on disk (``store.StoreSource``, with a lengths index).
+A source without an index (the TFDS copy of a bundled dataset, a list of records) is read once into an
+``ArraySource`` (one flat buffer; reading Beauty's TFDS source costs ~0.5 s). The batches are a
+``grain.MapDataset`` over batch indices, so ``steps_per_epoch`` is exact and the Grain iterator state (the next
+batch index) resumes a run at exactly the next batch. Grain's own ``FirstFitPackIterDataset`` packs equally well
+(same first-fit rule) but costs ~4 s per Beauty epoch in per-element Python and cannot report the epoch length
+before running it.
 
 A source is anything with ``__len__`` and ``__getitem__`` returning ``{'user': int, 'items': int [n]}``:
-``tfds_builder.data_source(...)[0]`` or ``tfds_builder.InMemorySource``.
+``tfds_builder.data_source(...)[0]``, ``ArraySource`` or ``store.StoreSource``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import grain
@@ -57,53 +59,137 @@ def read_source(source: RecordSource) -> tuple[np.ndarray, list[np.ndarray]]:
   return users[order], [np.asarray(records[i]["items"], dtype=np.int32) for i in order]
 
 
+class ArraySource:
+  """In-memory random-access records held as one flat item buffer (``RecordSource`` with a lengths index).
+
+  Args:
+    users: ``[U]`` user ids.
+    sequences: one int array of item ids per user (time order).
+
+  Attributes:
+    users: ``[U]`` int32 user ids, in the given order.
+    lengths: ``[U]`` int32 sequence lengths.
+  """
+
+  def __init__(self, users: Sequence[int] | np.ndarray, sequences: Sequence[np.ndarray]):
+    if len(users) != len(sequences):
+      raise errors.DataError(f"{len(users)} users but {len(sequences)} sequences")
+    self.users = np.asarray(users, dtype=np.int32)  # [U]
+    self.lengths = np.fromiter((len(s) for s in sequences), np.int32, count=len(sequences))  # [U]
+    self._offsets = np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)])  # [U + 1]
+    self._items = (
+      np.concatenate([np.asarray(s) for s in sequences]).astype(np.int32) if len(sequences) else np.zeros(0, np.int32)
+    )  # [T]
+
+  @classmethod
+  def from_data(cls, data: Any) -> ArraySource:
+    """Wraps anything with ``users`` and ``sequences`` attributes (e.g. ``io.SequenceData``)."""
+    return cls(data.users, data.sequences)
+
+  def __len__(self) -> int:
+    return len(self.users)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    lo, hi = self._offsets[index], self._offsets[index + 1]
+    return {"user": np.int64(self.users[index]), "items": self._items[lo:hi].astype(np.int64)}
+
+  def gather(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(items [sum of lengths] int32, lengths [k])``: the sequences of records ``indices``, concatenated."""
+    indices = np.asarray(indices, np.int64)
+    lengths = self.lengths[indices]
+    src = np.repeat(self._offsets[indices] - (np.cumsum(lengths) - lengths), lengths) + np.arange(lengths.sum())
+    return self._items[src], lengths
+
+
+def _indexed(source: RecordSource) -> Any:
+  """``source`` itself when it has a lengths index (``users``, ``lengths``, ``gather``), else its records read
+  into an ``ArraySource``."""
+  if all(hasattr(source, name) for name in ("users", "lengths", "gather")):
+    return source
+  return ArraySource(*read_source(source))
+
+
+def _span_lengths(n: np.ndarray, max_len: int, prompt_mode: str | None, width: int) -> tuple[np.ndarray, np.ndarray]:
+  """``(span, loss_tokens)``: every user's span in a packed row and its loss tokens, from the train example
+  lengths ``n`` alone (as ``prompts.prompt_example`` lays them out)."""
+  if prompt_mode != "interleave":
+    return n, n
+  total = n + (n - 1) * width  # real items and the slots between them
+  kept = np.minimum(total, max_len)
+  # Real items sit at multiples of (w + 1); those in the kept tail [total - kept, total) have targets.
+  real = n - -(-(total - kept) // (width + 1))
+  return np.maximum(n, kept), real
+
+
 class _EpochBatches:
-  """Assembles batch ``b`` of one epoch from its packing plan (picklable for Grain workers)."""
+  """Assembles batch ``b`` of one epoch from its packing plan, reading only the records of this process's rows
+  (picklable for Grain workers)."""
 
   def __init__(
     self,
-    tokens_t: dict[str, np.ndarray],
-    starts: np.ndarray,
+    source: Any,
+    records: np.ndarray,
     lengths: np.ndarray,
     users: np.ndarray,
     place: packing.Placement,
     *,
+    max_len: int,
     rows_per_batch: int,
     row_len: int,
-    prompted: bool = False,
+    prompt_mode: str | None = None,
+    prompt_width: int = 1,
     row_range: tuple[int, int] | None = None,
   ):
     self._row_range = (0, rows_per_batch) if row_range is None else row_range
-    self._tokens_t = tokens_t  # name -> [T] all users' tokens, concatenated in storage order
-    self._starts = starts  # [N] epoch order: offset of each user's tokens in the buffers
-    self._lengths = lengths  # [N] epoch order
+    self._source = source  # indexed record source (``gather``)
+    self._records = records  # [N] epoch order: record index of each user in the source
+    self._lengths = lengths  # [N] epoch order: span of each user
     self._users = users  # [N] epoch order
     self._place = place
+    self._max_len = max_len
     self._rows_per_batch = rows_per_batch
     self._row_len = row_len
-    self._prompted = prompted
+    self._prompt_mode, self._prompt_width = prompt_mode, prompt_width
+
+  def _tokens(self, items: np.ndarray, n: np.ndarray) -> dict[str, np.ndarray]:
+    """The concatenated train examples (or prompt examples) of sequences ``items`` (concatenated) of lengths ``n``."""
+    n = n.astype(np.int64)
+    m = np.minimum(n - 3, self._max_len)  # inputs x[:-3][-max_len:], targets x[1:-2][-max_len:]
+    first = np.cumsum(n) - n + (n - 3 - m)  # [k] where each input window starts in ``items``
+    src = np.repeat(first - (np.cumsum(m) - m), m) + np.arange(m.sum())
+    inputs, targets = items[src], items[src + 1]
+    if self._prompt_mode is None:
+      return {"items": inputs, "targets": targets}
+    ends = np.cumsum(m)
+    parts = [
+      prompts.prompt_example(inputs[a:b], targets[a:b], self._prompt_mode, self._prompt_width, self._max_len)
+      for a, b in zip((ends - m).tolist(), ends.tolist(), strict=True)
+    ]
+    if not parts:
+      return {k: np.zeros(0, np.int32) for k in prompts.PROMPT_TOKEN_KEYS}
+    return {k: np.concatenate([p[k] for p in parts]) for k in prompts.PROMPT_TOKEN_KEYS}
 
   def __call__(self, b: int) -> dict[str, np.ndarray]:
     lo, hi = int(self._place.bounds[b]), int(self._place.bounds[b + 1])
     first_row, end_row = self._row_range
     # Only the sequences packed into this process's rows are read and assembled.
     mine = np.flatnonzero((self._place.row[lo:hi] >= first_row) & (self._place.row[lo:hi] < end_row)) + lo
-    lengths = self._lengths[mine]  # [k]
-    src = np.repeat(self._starts[mine] - (np.cumsum(lengths) - lengths), lengths) + np.arange(lengths.sum())
+    items, n = self._source.gather(self._records[mine])
+    tokens = self._tokens(items, np.asarray(n))
     per_sequence = {"users": self._users[mine]}
-    if self._prompted:
+    if self._prompt_mode is not None:
       per_sequence["span_col"] = self._place.col[mine]
     batch = packing.scatter_rows(
-      lengths,
+      self._lengths[mine],
       self._place.row[mine] - first_row,
       self._place.col[mine],
       self._place.seq_id[mine],
-      {name: values_t[src] for name, values_t in self._tokens_t.items()},
+      tokens,
       per_sequence,
       rows_per_batch=end_row - first_row,
       row_len=self._row_len,
     )
-    return prompts.finish_prompt_batch(batch) if self._prompted else batch
+    return prompts.finish_prompt_batch(batch) if self._prompt_mode is not None else batch
 
 
 class EpochIterator(Iterator[dict[str, np.ndarray]]):
@@ -195,24 +281,17 @@ class TrainInput:
       )
     self.max_len, self.row_len, self.rows_per_batch = max_len, row_len, rows_per_batch
     self.seed, self.num_workers = seed, num_workers
-    users, sequences = read_source(source)
-    keep = split.usable(sequences)
-    examples = [split.train_example(s, max_len) for s, ok in zip(sequences, keep, strict=True) if ok]
-    self._users = users[keep]  # [N] storage order (by user id)
+    self._source = _indexed(source)
+    storage = np.argsort(self._source.users, kind="stable")  # storage order: by user id
+    full = self._source.lengths[storage].astype(np.int64)  # [U] whole sequence lengths
+    keep = full >= split.MIN_ITEMS
+    self._records = storage[keep]  # [N] record index of each training user, storage order
+    self._users = self._source.users[self._records].astype(np.int32)  # [N]
     self.prompt_mode, self.prompt_width = prompt_mode, prompt_width
-    if prompt_mode is None:
-      parts = [{"items": x, "targets": y} for x, y in examples]
-      loss_key = "targets"
-    else:
-      parts = [prompts.prompt_example(x, y, prompt_mode, prompt_width, max_len) for x, y in examples]
-      loss_key = "p_targets"
-    self._lengths = np.array([len(p["items"]) for p in parts], dtype=np.int64)  # [N] span per user
-    self._starts = np.cumsum(self._lengths) - self._lengths  # [N]
-    self._tokens_t = {  # name -> [T]
-      k: np.concatenate([p[k] for p in parts] or [np.zeros(0, np.int32)]) for k in (parts[0] if parts else {})
-    }
-    self.num_users = len(examples)
-    self.num_tokens = int(np.count_nonzero(self._tokens_t[loss_key])) if parts else 0
+    n = np.minimum(full[keep] - 3, max_len)  # [N] train example lengths
+    self._lengths, loss_tokens = _span_lengths(n, max_len, prompt_mode, prompt_width)  # [N] span per user
+    self.num_users = int(len(self._users))
+    self.num_tokens = int(loss_tokens.sum())
     self._last_plan: tuple[int, np.ndarray, packing.Placement] | None = None
 
   def _fingerprint(self, epoch: int) -> dict[str, Any]:
@@ -242,21 +321,26 @@ class TrainInput:
     """Exact number of batches of ``epoch`` (computes its packing plan, ~50 ms for Beauty)."""
     return self._plan(epoch)[1].num_batches
 
-  def dataset(self, epoch: int) -> grain.MapDataset:
-    """Random-access Grain dataset of the batches of ``epoch``."""
+  def assembler(self, epoch: int) -> _EpochBatches:
+    """``assembler(b)`` is batch ``b`` of ``epoch`` (this process's rows), without Grain."""
     order, place = self._plan(epoch)
-    assemble = _EpochBatches(
-      self._tokens_t,
-      self._starts[order],
+    return _EpochBatches(
+      self._source,
+      self._records[order],
       self._lengths[order],
       self._users[order],
       place,
+      max_len=self.max_len,
       rows_per_batch=self.rows_per_batch,
       row_len=self.row_len,
-      prompted=self.prompt_mode is not None,
+      prompt_mode=self.prompt_mode,
+      prompt_width=self.prompt_width,
       row_range=self.row_range,
     )
-    return grain.MapDataset.range(place.num_batches).map(assemble)
+
+  def dataset(self, epoch: int) -> grain.MapDataset:
+    """Random-access Grain dataset of the batches of ``epoch``."""
+    return grain.MapDataset.range(self._plan(epoch)[1].num_batches).map(self.assembler(epoch))
 
   def epoch_iterator(self, epoch: int) -> EpochIterator:
     """Iterator over the batches of ``epoch``; deterministic given ``(seed, epoch)`` and resumable."""

@@ -28,7 +28,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from recgpt_jax import errors
-from recgpt_jax.data import io
+from recgpt_jax.data import io, pipeline
 
 # Canonical names of the bundled datasets.
 BUNDLED = tuple(io.BUNDLED)
@@ -156,27 +156,6 @@ def _build_lock(config_dir: pathlib.Path):
     yield
 
 
-class InMemorySource:
-  """Random-access source over in-memory sequences, with the same records as the TFDS source.
-
-  Args:
-    users: ``[U]`` user ids.
-    sequences: one int array of item ids per user (time order).
-  """
-
-  def __init__(self, users: Sequence[int] | np.ndarray, sequences: Sequence[np.ndarray]):
-    if len(users) != len(sequences):
-      raise errors.DataError(f"{len(users)} users but {len(sequences)} sequences")
-    self._users = np.asarray(users, dtype=np.int64)
-    self._sequences = [np.asarray(s, dtype=np.int64) for s in sequences]
-
-  @classmethod
-  def from_data(cls, data: Any) -> InMemorySource:
-    """Wraps anything with ``users`` and ``sequences`` attributes (e.g. ``io.SequenceData``)."""
-    return cls(data.users, data.sequences)
-
-  def __len__(self) -> int:
-    return len(self._sequences)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    return {"user": self._users[index], "items": self._sequences[index]}
+class InMemorySource(pipeline.ArraySource):
+  """Random-access source over in-memory sequences, with the same records as the TFDS source (see
+  ``pipeline.ArraySource``)."""

@@ -28,7 +28,7 @@ from flax import nnx
 
 from recgpt_jax import config as config_lib
 from recgpt_jax import provenance
-from recgpt_jax.data import io, packing, pipeline, split, tfds_builder
+from recgpt_jax.data import io, packing, pipeline, split, store, tfds_builder
 from recgpt_jax.errors import ConfigError, UserError
 from recgpt_jax.eval import metrics as metrics_lib
 from recgpt_jax.model import attention
@@ -84,14 +84,14 @@ class RunData:
   """The data side of a run: the dataset, the stage's training input and the evaluation batches.
 
   Attributes:
-    data: the loaded dataset.
+    data: the loaded dataset, or the opened store (its index; the records stay on disk).
     train_input: packed training batches of the stage's view.
     eval_sets: ``'valid'`` / ``'test'`` -> the users, answers and histories of that split.
     eval_batches: ``'valid'`` / ``'test'`` -> packed evaluation batches (host arrays).
     item_counts: ``[num_items + 1]`` how often each item occurs in the training split (0 = padding).
   """
 
-  data: io.SequenceData
+  data: io.SequenceData | store.Store
   train_input: pipeline.TrainInput
   eval_sets: dict[str, split.EvalSet]
   eval_batches: dict[str, list[dict[str, np.ndarray]]]
@@ -99,23 +99,34 @@ class RunData:
 
 
 def build_data(config: ml_collections.ConfigDict, stage: stages.Stage) -> RunData:
-  """Loads the dataset (building its TFDS copy once) and lays out the stage's training and evaluation input."""
+  """Loads the dataset (building its TFDS copy once) and lays out the stage's training and evaluation input.
+
+  A store (``recgpt_jax.data.store``: a directory built from an interaction log) is not loaded: training reads the
+  records of each process's rows as it goes, and evaluation reads its users' records.
+  """
   c = config
-  data = io.load_dataset(c.dataset, format=c.data_format, **({"k_core": c.k_core} if c.k_core else {}))
-  usable = split.usable(data.sequences)
-  if not np.any(usable):
+  if store.is_store(c.dataset):
+    if c.k_core or c.data_format != "auto":
+      raise ConfigError(f"{c.dataset} is a store: k_core and data_format apply when it is built, not here")
+    data = store.open_store(c.dataset)
+    source = data.record_source()
+  else:
+    data = io.load_dataset(c.dataset, format=c.data_format, **({"k_core": c.k_core} if c.k_core else {}))
+    if data.source in io.BUNDLED:
+      if jax.process_count() > 1:  # process 0 builds the TFDS dataset (once); the others then read it
+        from jax.experimental import multihost_utils
+
+        if distributed.is_primary():
+          tfds_builder.data_source(c.dataset, c.tfds_data_dir or None)
+        multihost_utils.sync_global_devices("recgpt_jax: TFDS dataset built")
+      records = tfds_builder.data_source(c.dataset, c.tfds_data_dir or None)[0]
+      source = pipeline.ArraySource(*pipeline.read_source(records))
+    else:
+      source = pipeline.ArraySource.from_data(data)
+  usable = np.flatnonzero(source.lengths >= split.MIN_ITEMS)  # record indices
+  if not len(usable):
     raise UserError(f"{data.source}: no user has the {split.MIN_ITEMS} items the leave-one-out split needs")
   stage.check(c, data.num_items)
-  if data.source in io.BUNDLED:
-    if jax.process_count() > 1:  # process 0 builds the TFDS dataset (once); the others then read it
-      from jax.experimental import multihost_utils
-
-      if distributed.is_primary():
-        tfds_builder.data_source(c.dataset, c.tfds_data_dir or None)
-      multihost_utils.sync_global_devices("recgpt_jax: TFDS dataset built")
-    source = tfds_builder.data_source(c.dataset, c.tfds_data_dir or None)[0]
-  else:
-    source = tfds_builder.InMemorySource(data.users, data.sequences)
   train_input = pipeline.TrainInput(
     source,
     max_len=c.max_len,
@@ -126,18 +137,29 @@ def build_data(config: ml_collections.ConfigDict, stage: stages.Stage) -> RunDat
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
+  # Evaluation users, in record order: all, or a fixed random sample of eval.max_users (the same in every process
+  # and run).
+  chosen = usable
+  if 0 < c.eval.max_users < len(chosen):
+    chosen = np.sort(np.random.default_rng(0).choice(chosen, c.eval.max_users, replace=False))
+  items, lengths = source.gather(chosen)
+  ends = np.cumsum(lengths)
+  sequences = [items[a:b] for a, b in zip((ends - lengths).tolist(), ends.tolist(), strict=True)]
   eval_sets, eval_batches = {}, {}
   for name in split.STAGES:
-    eval_sets[name] = split.make_eval_set(data.users, data.sequences, name, c.max_len)
+    eval_sets[name] = split.make_eval_set(source.users[chosen], sequences, name, c.max_len)
     eval_batches[name] = packing.pack_eval_batches(
       eval_sets[name],
       row_len=c.train.row_len,
       rows_per_batch=c.eval.rows_per_batch,
       users_per_batch=c.eval.users_per_batch,
     )
-  seen = [s[: -(split.MIN_ITEMS - 2)] for s, ok in zip(data.sequences, usable, strict=True) if ok]  # items[:-2]
-  item_counts = np.bincount(np.concatenate(seen), minlength=data.num_items + 1).astype(np.int64)
-  item_counts[0] = 0
+  if isinstance(data, store.Store):
+    item_counts = data.item_counts
+  else:
+    seen = [s[: -(split.MIN_ITEMS - 2)] for s in data.sequences if len(s) >= split.MIN_ITEMS]  # items[:-2]
+    item_counts = np.bincount(np.concatenate(seen), minlength=data.num_items + 1).astype(np.int64)
+    item_counts[0] = 0
   return RunData(data, train_input, eval_sets, eval_batches, item_counts)
 
 
@@ -451,7 +473,8 @@ def _train(run: Run, state, meta: dict, sigterm: threading.Event, primary: bool)
   print(
     f"{run.data.source}: {len(run.data.users)} users, {run.data.num_items} items, "
     f"{run.train_input.num_tokens} train tokens/epoch, ~{run.steps_per_epoch} steps/epoch, "
-    f"packing {run.packing_fraction:.1%} real positions",
+    f"packing {run.packing_fraction:.1%} real positions"
+    + (f", evaluating {len(run.eval_sets['valid'].users)} sampled users" if c.eval.max_users else ""),
     flush=True,
   )
   stop = bool(finished(meta, c)) or bool(c.train.max_steps and int(jax.device_get(state.step)) >= c.train.max_steps)

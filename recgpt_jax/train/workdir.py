@@ -69,6 +69,7 @@ ADDED_FIELD_DEFAULTS = {
   "train.logq": False,  # sampled_softmax had no correction before
   "eval.approx_recall": 0.0,
   "prompt.approx_recall": 0.0,
+  "eval.max_users": 0,
 }
 # Fields only one loss reads: a run with another loss (before and after) may have any value of them.
 LOSS_FIELDS = {"sampled_softmax": ("train.num_negatives", "train.negatives", "train.logq")}
