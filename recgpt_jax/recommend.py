@@ -136,7 +136,9 @@ class Recommender:
     self.fn = decoder.make_recall_fn(self.run.graphdef, self.quotas, self.run.head, self.run.mesh, approx)
     self.batch_users = batch_users
     data = self.run.data
-    self._sequences = dict(zip(data.users.tolist(), data.sequences, strict=True))
+    # A store's sequences stay on disk: a mapping that reads a user's record when asked.
+    sequence_map = getattr(data, "sequence_map", None)
+    self._sequences = sequence_map() if sequence_map else dict(zip(data.users.tolist(), data.sequences, strict=True))
     self._raw_users = data.user_map
     self._item_map = data.item_map
     self._raw_items = None if data.item_map is None else {v: k for k, v in data.item_map.items()}

@@ -24,9 +24,11 @@ Train on a store with ``--config.dataset=DIR``.
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -327,6 +329,24 @@ class Store:
   def source(self) -> str:
     return self.path
 
+  @functools.cached_property
+  def user_map(self) -> dict[str, int] | None:
+    """Raw user id -> dense id (read from ``user_map.json`` on first use)."""
+    return self._id_map(io.USER_MAP_FILE)
+
+  @functools.cached_property
+  def item_map(self) -> dict[str, int] | None:
+    """Raw item id -> dense id (read from ``item_map.json`` on first use)."""
+    return self._id_map(io.ITEM_MAP_FILE)
+
+  def _id_map(self, name: str) -> dict[str, int] | None:
+    path = os.path.join(self.path, name)
+    return json.loads(pathlib.Path(path).read_text(encoding="utf-8")) if os.path.exists(path) else None
+
+  def sequence_map(self) -> StoreSequences:
+    """Dense user id -> item sequence, read from the records on access (nothing is loaded up front)."""
+    return StoreSequences(self.record_source())
+
   def record_source(self) -> StoreSource:
     """Random access to the records (opens the ArrayRecord shards)."""
     return StoreSource(self)
@@ -413,6 +433,27 @@ class StoreSource:
     lengths = self.lengths[np.asarray(indices, np.int64)]
     items = np.concatenate([r["items"] for r in records]).astype(np.int32) if records else np.zeros(0, np.int32)
     return items, lengths
+
+
+class StoreSequences(collections.abc.Mapping):
+  """Read-only mapping dense user id (``1..U``) -> int32 item sequence over a store's records."""
+
+  def __init__(self, source: StoreSource):
+    self._source = source
+
+  def __getitem__(self, user: int) -> np.ndarray:
+    if user not in self:
+      raise KeyError(user)
+    return np.asarray(self._source[int(user) - 1]["items"], np.int32)
+
+  def __contains__(self, user: object) -> bool:
+    return isinstance(user, (int, np.integer)) and 1 <= int(user) <= len(self._source)
+
+  def __iter__(self) -> Iterator[int]:
+    return iter(range(1, len(self._source) + 1))
+
+  def __len__(self) -> int:
+    return len(self._source)
 
 
 # ---- command line ---------------------------------------------------------------------------------------------

@@ -215,3 +215,24 @@ def test_a_run_on_the_store_sees_the_data_of_the_log(built):
   assert [full[u] for u in sampled[0].users.tolist()] == sampled[0].answers.tolist()
   with pytest.raises(ConfigError, match="k_core and data_format apply"):
     loop.build_data(tiny_config(path, k_core=5), pre)
+
+
+def test_recommendations_from_a_model_trained_on_the_store(built, tmp_path):
+  """Serving from a store: raw ids map through the store's id maps and histories are read from its records."""
+  from recgpt_jax import recommend
+  from recgpt_jax.train import loop
+  from tests.helpers import tiny_config
+
+  _, path, _, data = built
+  cfg = tiny_config(path, **{"train.max_steps": 2, "eval.max_users": 64, "recall.quotas": (8, 4)})
+  loop.train_and_evaluate(cfg, str(tmp_path / "run"))
+  rec = recommend.Recommender(cfg, tmp_path / "run")
+  raw = sorted(data.user_map)[:3]
+  dense = [data.user_map[r] for r in raw]
+  assert [rec.user_id(r) for r in raw] == dense
+  out = rec.for_users(raw)
+  assert out.items.shape == (3, 12)
+  for u, items in zip(dense, out.items, strict=True):
+    history = data.sequences[u - 1]
+    np.testing.assert_array_equal(rec._sequences[u], history)
+    assert len(set(items.tolist())) == 12 and not set(items.tolist()) & set(history.tolist())
