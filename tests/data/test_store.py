@@ -145,18 +145,52 @@ def test_a_record_that_does_not_match_the_index_is_an_error(built, tmp_path):
     shifted.record_source().gather(np.array([0]))
 
 
-def test_cli_bad_log_is_one_line_exit_2_and_writes_nothing(tmp_path):
-  log = tmp_path / "log.csv"
-  log.write_text("user,item\n1,2\n")
-  out = tmp_path / "s"
-  proc = subprocess.run(
-    [sys.executable, "-m", "recgpt_jax.data.store", f"--log={log}", f"--out={out}"], capture_output=True, text=True
-  )
-  assert proc.returncode == 2
-  lines = proc.stderr.strip().splitlines()
-  assert lines[-1].startswith("error: ") and "timestamp" in lines[-1] and str(log) in lines[-1], proc.stderr
-  assert "Traceback" not in proc.stderr
-  assert not out.exists() and not list(tmp_path.glob(".s.staging-*"))
+def _bad_logs(tmp_path, good_log) -> dict:
+  """name -> (path, what the error line must contain) for the bad inputs of the acceptance."""
+  import gzip
+
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  bad = {}
+  p = tmp_path / "no_time.csv"
+  p.write_text("user,item\n1,2\n")
+  bad["missing column"] = (p, "no time column 'timestamp'")
+  p = tmp_path / "stamps.csv"
+  p.write_text("user,item,timestamp\nu1,a,1\nu1,b,2\nu2,a,yesterday\n")
+  bad["unparsable timestamp"] = (p, f"{p}:4: timestamp")
+  p = tmp_path / "latin1.csv"
+  p.write_bytes("user,item,timestamp\nu1,a,1\nu\xe9,b,2\n".encode("latin-1"))
+  bad["non-UTF-8 bytes"] = (p, f"{p}:3:")
+  p = tmp_path / "truncated.parquet"
+  whole = pa.BufferOutputStream()
+  pq.write_table(pq.read_table(good_log), whole)
+  data = whole.getvalue().to_pybytes()
+  p.write_bytes(data[: len(data) // 2])
+  bad["truncated Parquet"] = (p, str(p))
+  p = tmp_path / "truncated.csv.gz"
+  p.write_bytes(gzip.compress(b"user,item,timestamp\n" + b"u1,a,1\n" * 20000)[:-200])
+  bad["truncated gzip"] = (p, str(p))
+  return bad
+
+
+def test_cli_bad_input_is_one_line_exit_2_and_damages_nothing(built, tmp_path):
+  """Each bad log: one line naming the file (and the line, where there is one), exit 2, no store created; a build
+  that targets an existing store is refused, and that store is untouched throughout."""
+  log, path, _, _ = built
+  before = {p: p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+  cases = [(what, bad, expect, tmp_path / "new") for what, (bad, expect) in _bad_logs(tmp_path, log).items()]
+  cases.append(("existing store", cases[0][1], "already exists", path))  # refused before the log is read
+  for what, bad, expect, out in cases:
+    proc = subprocess.run(
+      [sys.executable, "-m", "recgpt_jax.data.store", f"--log={bad}", f"--out={out}"], capture_output=True, text=True
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, (what, proc.stderr)
+    assert "Traceback" not in proc.stderr and lines[-1].startswith("error: "), (what, proc.stderr)
+    assert expect in lines[-1] and (str(bad) in lines[-1] or str(out) in lines[-1]), (what, lines[-1])
+    assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".new.staging-*"))
+  assert {p: p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()} == before
 
 
 def _beam_build_cmd(log, out):
