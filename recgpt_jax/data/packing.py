@@ -16,6 +16,7 @@ Packed layout, all ``[rows, row_len]`` int32 (0 on padding):
 
 from __future__ import annotations
 
+import array
 import dataclasses
 from collections.abc import Mapping, Sequence
 
@@ -82,9 +83,9 @@ def first_fit(
     raise errors.ConfigError(f"sequence lengths must be in 1..row_len={row_len}; got {lengths.min()}..{lengths.max()}")
   cap = users_per_batch if users_per_batch is not None else len(lengths) + 1
   n = len(lengths)
-  # Plain Python lists: for the few dozen rows of a batch a list scan is ~4x faster than numpy calls per sequence
-  # (7M sequences, the users of a 10^8-interaction log, in ~8 s).
-  batch, row, col, seq_id = [0] * n, [0] * n, [0] * n, [0] * n
+  # A list scan of the batch's few dozen rows is ~4x faster than numpy calls per sequence (7M sequences, the users
+  # of a 10^8-interaction log, in ~8 s); the outputs are int32 arrays from the start (half the memory of lists).
+  batch, row, col, seq_id = (array.array("i", bytes(4 * n)) for _ in range(4))
   free = [row_len] * rows_per_batch  # free positions per row
   count = [0] * rows_per_batch  # sequences per row
   b, in_batch = 0, 0
@@ -105,7 +106,7 @@ def first_fit(
     row[i] = r
     batch[i] = b
     in_batch += 1
-  batch, row, col, seq_id = (np.array(x, dtype=np.int32) for x in (batch, row, col, seq_id))
+  batch, row, col, seq_id = (np.frombuffer(x, dtype=np.int32) for x in (batch, row, col, seq_id))
   num_batches = b + 1 if n else 0
   bounds = np.searchsorted(batch, np.arange(num_batches + 1), side="left").astype(np.int32)
   return Placement(batch=batch, row=row, col=col, seq_id=seq_id, bounds=bounds)

@@ -237,7 +237,7 @@ def build(
       np.save(input_dir / "offsets.npy", np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]))
       del flat
       say(f"writing the ArrayRecord shards ({'Apache Beam ' + beam_runner if beam_runner else 'TFDS writer'})")
-      _write_tfds(staging / "tfds", str(input_dir), len(lengths), beam_runner)
+      _write_tfds(staging / "tfds", str(input_dir), len(lengths), beam_runner, progress)
       shutil.rmtree(input_dir)
       np.savez(staging / INDEX_FILE, lengths=lengths, item_counts=item_counts)
       meta["build_seconds"] = round(time.time() - begin, 1)
@@ -251,12 +251,17 @@ def build(
   return meta
 
 
-def _write_tfds(data_dir: pathlib.Path, input_dir: str, num_users: int, beam_runner: str | None) -> None:
+def _write_tfds(
+  data_dir: pathlib.Path, input_dir: str, num_users: int, beam_runner: str | None, progress: bool = False
+) -> None:
   tfds = _tfds()
   builder_cls = _builder_class()
   config = builder_cls.RecLogConfig(input_dir=input_dir, num_users=num_users, beam=bool(beam_runner))
   with _quiet_logs():
-    tfds.disable_progress_bar()
+    if progress:  # TFDS's bars: examples generated, then shards written (to stderr)
+      tfds.enable_progress_bar()
+    else:
+      tfds.disable_progress_bar()
     builder = builder_cls(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
     download_config = tfds.download.DownloadConfig(
       try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP
