@@ -9,9 +9,12 @@ figures are those the TPU algorithm would give, computed on this machine (an emu
 * Beauty: the study's pre-trained model (``--workdir``, default ``runs/study/grid/Beauty__ce__s0``), every test
   user's list under the plain top-20 and the two-step recall (18, 2): recall@20 of the approximate list against
   the exact one, and HR@10 / NDCG@10 / HR@20 with each;
+* with ``--large_workdir``, the same for a run trained on a store (the 10^6-item model of
+  ``experiments.bench_store``, its ``eval.max_users`` sampled test users);
 * a random ``[10^6, 64]`` item table and 512 random queries: recall@20 (and @100) of the reduction.
 
-  python -m experiments.bench_approx_topk [--workdir=runs/study/grid/Beauty__ce__s0]
+  python -m experiments.bench_approx_topk [--workdir=runs/study/grid/Beauty__ce__s0] \
+    [--large_workdir=/work/bench_store/train_store_1e8x1e6/run]
 
 Writes experiments/results/bench_approx_topk.{json,md} with the command, date and machine.
 """
@@ -27,6 +30,9 @@ from recgpt_jax import errors, provenance
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/study/grid/Beauty__ce__s0", "A finished study run (Beauty ce).")
 _TARGETS = flags.DEFINE_list("targets", ["0.8", "0.9", "0.95"], "Recall targets of approx_max_k.")
+_LARGE = flags.DEFINE_string(
+  "large_workdir", "", "Also a finished run on a large store (e.g. the 10^6-item run of experiments.bench_store)."
+)
 _ITEMS = flags.DEFINE_integer("items", 1_000_000, "Rows of the random table.")
 _OUT = flags.DEFINE_string("out", "experiments/results", "Where the results go.")
 
@@ -53,22 +59,45 @@ def _overlap(a, b) -> float:
 
 
 def beauty(workdir: pathlib.Path, targets: list[float]) -> dict:
-  import jax
-  import numpy as np
-
   from experiments import study
-  from recgpt_jax.eval import metrics as metrics_lib
-  from recgpt_jax.recall import decoder
-  from recgpt_jax.train import loop
 
   spec = next(s for s in study.grid_runs(["Beauty"], ["ce"], [0], workdir.parents[1], pathlib.Path("/nonexistent")))
   c = spec.config()
   c.init_from = ""
+  return trained(workdir, c, targets)
+
+
+def large(workdir: pathlib.Path, targets: list[float]) -> dict:
+  """The model of a finished run on a large store (its own config, on this process's one device)."""
+  import json
+
+  import ml_collections
+
+  c = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  c.mesh.data = 1
+  out = trained(workdir, c, targets)
+  return out
+
+
+def trained(workdir: pathlib.Path, c, targets: list[float]) -> dict:
+  import jax
+  import numpy as np
+
+  from recgpt_jax.eval import metrics as metrics_lib
+  from recgpt_jax.recall import decoder
+  from recgpt_jax.train import loop
+
   run = loop.Run(c, workdir, writer=False)
   params, _ = run.ckpt.restore_best(run.state.params)
   run.ckpt.close()
   batches = run.eval_batches["test"]
-  out = {"workdir": str(workdir), "users": int(len(run.eval_sets["test"].users)), "settings": []}
+  out = {
+    "workdir": str(workdir),
+    "dataset": str(run.data.source),
+    "num_items": int(run.data.num_items),
+    "users": int(len(run.eval_sets["test"].users)),
+    "settings": [],
+  }
   for quotas in ((20,), (18, 2)):
     lists = {}
     for target in (0.0, *targets):
@@ -89,7 +118,7 @@ def beauty(workdir: pathlib.Path, targets: list[float]) -> dict:
           **{k: float(np.mean(m[k])) for k in ("HR@10", "NDCG@10", "HR@20")},
         }
       )
-      print(f"  Beauty {quotas} target {target}: {out['settings'][-1]}", file=sys.stderr, flush=True)
+      print(f"  {workdir.name} {quotas} target {target}: {out['settings'][-1]}", file=sys.stderr, flush=True)
   return out
 
 
@@ -132,21 +161,27 @@ def _markdown(r: dict) -> str:
     "partial reduction computed in `jnp` (`topk.emulated_approx_max_k`: XLA's window count, each window keeps",
     "its maximum, exact top-k of the maxima). Not a TPU run.",
     "",
-    f"## Beauty, pre-trained CE model ({r['beauty']['users']:,} test users, `{r['beauty']['workdir']}`)",
-    "",
-    "| recall | approx_recall | recall@20 vs exact list | HR@10 | NDCG@10 | HR@20 |",
-    "|---|---|---|---|---|---|",
   ]
-  for s in r["beauty"]["settings"]:
-    name = "+".join(map(str, s["quotas"]))
-    target = "exact" if not s["approx_recall"] else s["approx_recall"]
-    lines.append(
-      f"| {name} | {target} | {s['recall_at_20_vs_exact']:.4f} | {s['HR@10']:.4f} | {s['NDCG@10']:.4f}"
-      f" | {s['HR@20']:.4f} |"
-    )
+  sections = [("Beauty, pre-trained CE model", r["beauty"])]
+  if r.get("large"):
+    sections.append(("A model trained on a store (`python -m experiments.bench_store`)", r["large"]))
+  for title, part in sections:
+    lines += [
+      f"## {title}: {part['num_items']:,} items, {part['users']:,} test users (`{part['workdir']}`)",
+      "",
+      "| recall | approx_recall | recall@20 vs exact list | HR@10 | NDCG@10 | HR@20 |",
+      "|---|---|---|---|---|---|",
+    ]
+    for x in part["settings"]:
+      name = "+".join(map(str, x["quotas"]))
+      target = "exact" if not x["approx_recall"] else x["approx_recall"]
+      lines.append(
+        f"| {name} | {target} | {x['recall_at_20_vs_exact']:.4f} | {x['HR@10']:.4f} | {x['NDCG@10']:.4f}"
+        f" | {x['HR@20']:.4f} |"
+      )
+    lines.append("")
   t = r["table"]
   lines += [
-    "",
     f"## Random table: {t['items']:,} items x 64, {t['queries']} random queries",
     "",
     "| k | approx_recall | windows | XLA's estimate exp(-(k-1)/windows) | recall vs exact |",
@@ -177,6 +212,7 @@ def main(argv: list[str]) -> None:
   record = {
     **provenance.record_header("experiments.bench_approx_topk"),
     "beauty": beauty(workdir, targets),
+    "large": large(pathlib.Path(_LARGE.value), targets) if _LARGE.value else None,
     "table": table(_ITEMS.value, targets),
   }
   provenance.write_record(_OUT.value, "bench_approx_topk", record, _markdown(record))
