@@ -253,7 +253,8 @@ def _markdown(r: dict) -> str:
     "Synthetic logs from `python -m recgpt_jax.data.synthetic` (seed 0, Parquet). Peak RSS is each process's",
     "maximum resident set (`/usr/bin/time -v` or `ru_maxrss`). Pipeline: global batch of"
     f" {r['rows']} rows x {r['row_len']} (max_len {r['max_len']}), each of P processes assembling its"
-    f" {r['rows']}/P rows; batches/s over {r['batches']} batches after the first.",
+    f" {r['rows']}/P rows; batches/s over {r['batches']} batches after the first. A rerun reuses finished"
+    " measurements; each keeps its own command, date and commit in the JSON (`measured`).",
     "",
     "## Build (`python -m recgpt_jax.data.store`)",
     "",
@@ -325,23 +326,27 @@ def main(argv: list[str]) -> None:
   def save():
     partial_path.write_text(json.dumps(partial, indent=1))
 
+  def stamped(result: dict) -> dict:  # each measurement keeps its own date and commit (a rerun reuses it)
+    header = provenance.record_header("experiments.bench_store")
+    return {**result, "measured": {k: header[k] for k in ("command", "date", "git_commit")}}
+
   for size, (rows, items) in sizes.items():
     entry = partial["sizes"].setdefault(size, {})
     log = root / f"log_{size}.parquet"
     out = root / f"store_{size}"
     _ensure_log(log, rows, items)
     if "build" not in entry or not out.exists():
-      entry["build"] = _build(log, out)
+      entry["build"] = stamped(_build(log, out))
       entry.pop("pipeline", None)
       save()
     if size in _SIZES.value:
       pipe = entry.setdefault("pipeline", {})
       for count in counts:
         if str(count) not in pipe:
-          pipe[str(count)] = _pipeline(out, count)
+          pipe[str(count)] = stamped(_pipeline(out, count))
           save()
   if _TRAIN_SIZE.value and (partial.get("train", {}).get("size") != _TRAIN_SIZE.value or _FRESH.value):
-    partial["train"] = {"size": _TRAIN_SIZE.value, **_train(root / f"store_{_TRAIN_SIZE.value}")}
+    partial["train"] = stamped({"size": _TRAIN_SIZE.value, **_train(root / f"store_{_TRAIN_SIZE.value}")})
     save()
   record = {
     **provenance.record_header("experiments.bench_store"),
