@@ -101,7 +101,29 @@ def _build(log: pathlib.Path, out: pathlib.Path) -> dict:
     raise RuntimeError(f"store build failed, see {tlog}")
   meta = json.loads((out / "store.json").read_text())
   disk = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-  return {**_time_v(tlog), **{k: meta[k] for k in ("num_users", "num_items", "num_interactions")}, "disk_bytes": disk}
+  return {
+    **_time_v(tlog),
+    **_phases(tlog),
+    **{k: meta[k] for k in ("num_users", "num_items", "num_interactions")},
+    "disk_bytes": disk,
+  }
+
+
+def _phases(build_log: pathlib.Path) -> dict:
+  """Seconds of the build's phases from its progress lines: reading the log, then writing the records + index."""
+  stamps = {}
+  for line in build_log.read_text(errors="replace").splitlines():
+    m = re.match(r"\[(\d\d):(\d\d):(\d\d)\] (reading|read|writing|built) ", line)
+    if m:
+      h, mi, se, what = m.groups()
+      stamps.setdefault(what, int(h) * 3600 + int(mi) * 60 + int(se))
+  if len(stamps) < 4:
+    return {}
+  day = 24 * 3600  # a phase that crosses midnight
+  return {
+    "ingest_s": (stamps["read"] - stamps["reading"]) % day,
+    "write_s": (stamps["built"] - stamps["writing"]) % day,
+  }
 
 
 def _one_pipeline() -> None:
@@ -258,15 +280,17 @@ def _markdown(r: dict) -> str:
     "",
     "## Build (`python -m recgpt_jax.data.store`)",
     "",
-    "| interactions | items | users | build s | CPU s | peak RSS | store on disk |",
-    "|---|---|---|---|---|---|---|",
+    "| interactions | items | users | build s | of which: read log s | write records s | CPU s | peak RSS |"
+    " store on disk |",
+    "|---|---|---|---|---|---|---|---|---|",
   ]
   for x in r["sizes"].values():
     b = x.get("build")
     if b:
       lines.append(
         f"| {b['num_interactions']:,} | {b['num_items']:,} | {b['num_users']:,} | {b['wall_s']:.0f} |"
-        f" {b['cpu_s']:.0f} | {b['peak_rss_bytes'] / GIB:.2f} GiB | {b['disk_bytes'] / GIB:.2f} GiB |"
+        f" {b.get('ingest_s', '')} | {b.get('write_s', '')} | {b['cpu_s']:.0f} |"
+        f" {b['peak_rss_bytes'] / GIB:.2f} GiB | {b['disk_bytes'] / GIB:.2f} GiB |"
       )
   lines += [
     "",
