@@ -181,15 +181,16 @@ def _markdown(r: dict) -> str:
       name = "+".join(map(str, x["quotas"]))
       target = "exact" if not x["approx_recall"] else x["approx_recall"]
       lines.append(
-        f"| {name} | {target} | {x['recall_at_20_vs_exact']:.4f} | {x['HR@10']:.4f} | {x['NDCG@10']:.4f}"
+        f"| {name} | {target} | {x['recall_at_20_vs_exact']:.5f} | {x['HR@10']:.4f} | {x['NDCG@10']:.4f}"
         f" | {x['HR@20']:.4f} |"
       )
     if spread:
       lines += [
         "",
         f"Item ids in the exact top-20 lists: median {spread['50']:,.0f}, 90th percentile {spread['90']:,.0f}, 99th"
-        f" {spread['99']:,.0f} (of {part['num_items']:,}; ids are numbered by first appearance, so popular items have"
-        " small ids, and ids closer than the window count never share a strided window).",
+        f" {spread['99']:,.0f} (of {part['num_items']:,}). Ids are numbered by first appearance, so popular items have"
+        " small ids; two items share a strided window only if their ids differ by a multiple of the window count"
+        " (256 to 2,048 here), which few of these lists' items do.",
       ]
     lines.append("")
   t = r["table"]
