@@ -19,6 +19,8 @@ BEAM_VENV ?= .venv-beam
 BIN := $(VENV)/bin
 WORKDIR ?= runs/default
 CONFIG ?= experiments/configs/default.py
+# pytest-xdist workers of `make test` (the machine has 2 cores; 0 runs in one process).
+TEST_WORKERS ?= 2
 
 .PHONY: run test test-torch test-beam test-slow lint format bench clean
 
@@ -45,7 +47,7 @@ $(BEAM_VENV)/.installed: setup.py
 $(TORCH_VENV)/.installed: setup.py
 	$(TORCH_PYTHON) -m venv $(TORCH_VENV)
 	$(TORCH_VENV)/bin/python -m pip install -q --upgrade pip
-	$(TORCH_VENV)/bin/python -m pip install -q -e '.[torch]' 'pytest>=8'
+	$(TORCH_VENV)/bin/python -m pip install -q -e '.[torch]' 'pytest>=8' 'pytest-xdist>=3.5'
 	touch $@
 
 run: $(RUN_VENV)/.installed
@@ -55,7 +57,7 @@ test: $(VENV)/.installed
 	$(BIN)/ruff check recgpt_jax tests experiments
 	$(BIN)/ruff format --check recgpt_jax tests experiments
 	$(BIN)/python -c 'import jax, flax; print(f"jax {jax.__version__}, flax {flax.__version__}")'
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 	$(MAKE) test-torch
 
 # PyTorch parity (and the model on jax 0.10) on Python 3.11, where the offline torch wheel installs.
@@ -65,7 +67,7 @@ ifeq ($(TORCH_PYTHON),)
 else
 	$(MAKE) $(TORCH_VENV)/.installed
 	$(TORCH_VENV)/bin/python -c 'import jax, torch; print(f"jax {jax.__version__}, torch {torch.__version__}")'
-	$(TORCH_VENV)/bin/python -m pytest -q tests/torch tests/model
+	$(TORCH_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests/torch tests/model
 endif
 
 # The Apache Beam store build (recgpt_jax.data.store --beam_runner) on Python 3.11, where apache-beam installs; run

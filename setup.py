@@ -30,9 +30,11 @@ setuptools.setup(
         # libtpu (through jax[tpu]) for the ahead-of-time TPU compile test; it needs no TPU. torch for the PyTorch
         # parity tests, pinned: torch==2.13.0 is the CPU build available offline, for Python 3.11 only (another
         # version, or Python 3.12, pulls a multi-GB CUDA build), so `make test` runs those tests in a 3.11 venv.
-        # matplotlib for the study report's plot (tests/experiments/test_study.py). Apache Beam builds stores
-        # (recgpt_jax.data.store --beam_runner=...); it installs for Python <= 3.11 here and caps numpy below 2.5.
-        "test": ["pytest>=8", "ruff>=0.6", "jax[tpu]", "matplotlib>=3.8"],
+        # matplotlib for the study report's plot (tests/experiments/test_study.py). pytest-xdist runs the suite on
+        # both cores (`-n 2 --dist loadfile`: a module's tests, and its trained fixtures, stay in one worker).
+        # Apache Beam builds stores (recgpt_jax.data.store --beam_runner=...); it installs for Python <= 3.11 here
+        # and caps numpy below 2.5.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "jax[tpu]", "matplotlib>=3.8"],
         "torch": ["torch==2.13.0; python_version < '3.12'"],
         "beam": ["apache-beam>=2.60"],
         "bench": ["torch==2.13.0; python_version < '3.12'", "matplotlib>=3.8"],
