@@ -500,6 +500,9 @@ def main(argv: list[str]) -> None:
   except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(e.exit_code)
+  except OSError as e:  # an unwritable --out, a full disk: nothing was left behind (see build)
+    print(f"error: cannot build {f['out']}: {e.strerror or e} ({e.filename or f['out']})", file=sys.stderr)
+    sys.exit(2)
   print(
     f"built {f['out']}: {meta['num_interactions']:,} interactions of {meta['num_users']:,} users"
     f" on {meta['num_items']:,} items"

@@ -3,6 +3,7 @@ record by record from it equals the in-memory input (also per process), and a bu
 
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -181,6 +182,7 @@ def test_cli_bad_input_is_one_line_exit_2_and_damages_nothing(built, tmp_path):
   before = {p: p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
   cases = [(what, bad, expect, tmp_path / "new") for what, (bad, expect) in _bad_logs(tmp_path, log).items()]
   cases.append(("existing store", cases[0][1], "already exists", path))  # refused before the log is read
+  cases.append(("unwritable output", log, "cannot build /sys/recgpt/s", pathlib.Path("/sys/recgpt/s")))
   for what, bad, expect, out in cases:
     proc = subprocess.run(
       [sys.executable, "-m", "recgpt_jax.data.store", f"--log={bad}", f"--out={out}"], capture_output=True, text=True
@@ -189,6 +191,7 @@ def test_cli_bad_input_is_one_line_exit_2_and_damages_nothing(built, tmp_path):
     assert proc.returncode == 2, (what, proc.stderr)
     assert "Traceback" not in proc.stderr and lines[-1].startswith("error: "), (what, proc.stderr)
     assert expect in lines[-1] and (str(bad) in lines[-1] or str(out) in lines[-1]), (what, lines[-1])
+    assert len([ln for ln in lines if ln.startswith("error")]) == 1, (what, proc.stderr)
     assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".new.staging-*"))
   assert {p: p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()} == before
 
