@@ -114,21 +114,24 @@ def test_a_failed_build_leaves_nothing(built, tmp_path, monkeypatch):
   assert os.listdir(tmp_path) == [".s.lock"]
 
 
-def test_a_killed_build_leaves_no_store_and_the_next_build_cleans_up(tmp_path):
-  log = tmp_path / "log.parquet"
-  synthetic.write_log(log, synthetic.LogShape(interactions=300_000, items=20_000, seed=1))
-  out = tmp_path / "s"
-  proc = subprocess.Popen(
-    [sys.executable, "-m", "recgpt_jax.data.store", f"--log={log}", f"--out={out}"],
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.DEVNULL,
-  )
+def _kill_when(cmd: list[str], root, pattern: str) -> None:
+  """Runs ``cmd`` and SIGKILLs it as soon as ``root.glob(pattern)`` finds something (the build is midway)."""
+  proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 120
-  while not list(tmp_path.glob(".s.staging-*/input/offsets.npy")) and time.time() < deadline:
+  while not list(root.glob(pattern)) and time.time() < deadline:
     assert proc.poll() is None, "the build ended before it could be killed"
     time.sleep(0.01)
   os.kill(proc.pid, signal.SIGKILL)
   proc.wait()
+
+
+def test_a_killed_build_leaves_no_store_and_the_next_build_cleans_up(tmp_path):
+  log = tmp_path / "log.parquet"
+  synthetic.write_log(log, synthetic.LogShape(interactions=300_000, items=20_000, seed=1))
+  out = tmp_path / "s"
+  _kill_when(
+    [sys.executable, "-m", "recgpt_jax.data.store", f"--log={log}", f"--out={out}"], tmp_path, ".s.staging-*/input"
+  )
   assert not out.exists()
   assert list(tmp_path.glob(".s.staging-*"))  # the half-written build, which no reader opens
   with pytest.raises(DataError, match="not a readable store"):
@@ -217,13 +220,7 @@ def test_beam_build_equals_the_plain_build(built, tmp_path):
     np.testing.assert_array_equal(got, want)
 
   killed = tmp_path / "killed"
-  proc = subprocess.Popen(_beam_build_cmd(log, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 120
-  while not list(tmp_path.glob(".killed.staging-*/tfds")) and time.time() < deadline:
-    assert proc.poll() is None, "the build ended before it could be killed"
-    time.sleep(0.01)
-  os.kill(proc.pid, signal.SIGKILL)
-  proc.wait()
+  _kill_when(_beam_build_cmd(log, killed), tmp_path, ".killed.staging-*/tfds")
   assert not killed.exists()
 
 
