@@ -61,6 +61,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.ce_block = 0
   c.train.head = "tied"  # head used by the loss: 'tied' (item table) or 'untied'
   c.train.user_l2 = 0.0  # user module: adds user_l2 * mean squared norm of the batch tokens' user vectors
+  # Contrastive regularisation (DuoRec's unsupervised term): adds cl_weight * an InfoNCE loss between two dropout
+  # views of every loss token (other users' tokens are the negatives; dot product / cl_temperature). 0 = off; it
+  # costs a second forward and backward pass of the encoder (not of the item head).
+  c.train.cl_weight = 0.0
+  c.train.cl_temperature = 1.0
   c.train.row_sparse = True  # update gather-only tables (users; items under a sampled loss) by row: exact, faster
   c.train.num_epochs = 20  # passes over the training users
   c.train.max_steps = 0  # stop after this many steps in total (0 = no limit)
@@ -224,6 +229,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     f"train.loss must be ce, bce or sampled_softmax, got {c.train.loss!r}",
   )
   need(c.train.user_l2 >= 0, f"train.user_l2 must be >= 0, got {c.train.user_l2}")
+  need(c.train.cl_weight >= 0, f"train.cl_weight must be >= 0 (0 = off), got {c.train.cl_weight}")
+  need(c.train.cl_temperature > 0, f"train.cl_temperature must be > 0, got {c.train.cl_temperature}")
   need(c.train.head in ("tied", "untied"), f"train.head must be 'tied' or 'untied', got {c.train.head!r}")
   need(c.train.head == "tied" or c.model.untied_head, "train.head='untied' needs model.untied_head=True")
   need(c.train.num_negatives >= 1, f"train.num_negatives must be >= 1, got {c.train.num_negatives}")

@@ -90,6 +90,14 @@ RECIPES: dict[str, Recipe] = {
     "ce",
     "aligned prompts, first list excluded, (10, 10)",
   ),
+  # Beyond the sweep, an attempt on the published bars: DuoRec's unsupervised contrastive term (two dropout views of
+  # every loss token, other users' tokens as negatives) at DuoRec's defaults, weight 0.1 and temperature 1.
+  "ce_cl": Recipe(
+    "pretrain",
+    {"train.cl_weight": 0.1, "train.cl_temperature": 1.0},
+    label="CE + contrastive views (attempt)",
+    controls=("ce",),
+  ),
   "authors_bce": Recipe(
     "pretrain",
     {**_AUTHORS_MODEL, "train.loss": "bce", "train.num_epochs": 30, "train.patience": 0},

@@ -295,3 +295,33 @@ def negative_log_counts(
     if kind == "mixed":
       expected = expected + uniform
   return jnp.where(expected > 0, jnp.log(jnp.where(expected > 0, expected, 1.0)), 0.0)
+
+
+def view_contrastive(h1_rld: jax.Array, h2_rld: jax.Array, seq_ids: jax.Array, real: jax.Array, temperature: float):
+  """Contrastive loss between two dropout views of the same positions (NT-Xent, as DuoRec's unsupervised term).
+
+  Every real position of either view is an anchor: its positive is the same position in the other view, its
+  negatives are both views of every real position of *other* users in the batch (a user's other positions
+  share its history, so they are neither). Similarity is the dot product over ``temperature``.
+
+  Args:
+    h1_rld, h2_rld: ``[rows, len, hidden]`` hidden states of the two views.
+    seq_ids: ``[rows, len]`` user slot within the row (0 = padding); a user is ``(row, seq_id)``.
+    real: ``[rows, len]`` bool, the positions that take part (the loss tokens).
+    temperature: > 0.
+
+  Returns:
+    The mean over anchors of ``logsumexp(positive, negatives) - positive`` (0 for an anchor with no negative).
+  """
+  rows, length, d = h1_rld.shape
+  n = rows * length
+  z = jnp.concatenate([h1_rld.reshape(n, d), h2_rld.reshape(n, d)]).astype(jnp.float32)
+  owner = (jnp.arange(rows)[:, None] * (length + 1) + seq_ids).reshape(n)
+  owner = jnp.concatenate([owner, owner])
+  ok = jnp.concatenate([real.reshape(n), real.reshape(n)])
+  sim = (z @ z.T) / temperature  # [2n, 2n]
+  idx = jnp.arange(2 * n)
+  partner = (idx + n) % (2 * n)
+  candidate = (ok[None, :] & (owner[:, None] != owner[None, :])) | (idx[None, :] == partner[:, None])
+  lse = jax.nn.logsumexp(jnp.where(candidate, sim, -jnp.inf), axis=-1)
+  return masked_mean(lse - sim[idx, partner], ok.astype(jnp.float32))

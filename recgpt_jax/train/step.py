@@ -28,6 +28,8 @@ MODEL_INPUTS = ("items", "positions", "segments", "seq_ids", "users")
 # Folded into a step's key for the randomness of prompt generation, leaving the dropout and negative keys
 # split from that key as they are in a step without prompts.
 GEN_KEY_SALT = 0x9E6
+# Folded into the dropout key for the second view of the contrastive term (``LossConfig.cl_weight``).
+CL_KEY_SALT = 0xC1
 
 
 @flax.struct.dataclass
@@ -53,6 +55,9 @@ class LossConfig:
 
   ``user_l2`` adds ``user_l2 * mean ||u||^2`` over the batch's real tokens of their user vectors ``u`` (the user
   module's rows; a Gaussian prior on each row, weighted by the user's tokens).
+
+  ``cl_weight`` adds ``cl_weight *`` a contrastive term between two dropout views of the batch
+  (``losses.view_contrastive`` at ``cl_temperature``): a second forward pass with another dropout key.
   """
 
   kind: str = "ce"
@@ -62,6 +67,8 @@ class LossConfig:
   ce_block: int = 0  # ce: item rows per block of the blocked loss (0 = materialised logits)
   negatives: str = "uniform"  # sampled_softmax: losses.NEGATIVES
   logq: bool = True  # sampled_softmax: correct each negative's logit by log of its expected count
+  cl_weight: float = 0.0  # weight of the two-view contrastive term (0 = off)
+  cl_temperature: float = 1.0
 
   @property
   def needs_counts(self) -> bool:
@@ -79,6 +86,10 @@ class LossConfig:
       raise ValueError(f"train.ce_block must be >= 0, got {self.ce_block}")
     if self.negatives not in losses.NEGATIVES:
       raise ValueError(f"train.negatives must be one of {losses.NEGATIVES}, got {self.negatives!r}")
+    if self.cl_weight < 0 or self.cl_temperature <= 0:
+      raise ValueError(
+        f"train.cl_weight must be >= 0 and train.cl_temperature > 0, got {self.cl_weight} and {self.cl_temperature}"
+      )
 
   @classmethod
   def from_config(cls, train) -> LossConfig:
@@ -91,6 +102,8 @@ class LossConfig:
       ce_block=train.get("ce_block", 0),
       negatives=train.get("negatives", "uniform"),
       logq=train.get("logq", True),
+      cl_weight=train.get("cl_weight", 0.0),
+      cl_temperature=train.get("cl_temperature", 1.0),
     )
 
 
@@ -381,6 +394,11 @@ def make_train_step(
       if loss_cfg.user_l2 > 0 and model.user_embed is not None:
         aux["user_l2"] = user_norm_penalty(params["user_embed"]["embedding"], batch["users"], batch["seq_ids"] > 0)
         loss = loss + loss_cfg.user_l2 * aux["user_l2"]
+      if loss_cfg.cl_weight > 0:
+        view = model(*(batch[k] for k in MODEL_INPUTS), dropout_key=jax.random.fold_in(drop_key, CL_KEY_SALT))
+        real = batch["targets"] > 0
+        aux["contrastive_loss"] = losses.view_contrastive(hidden, view, batch["seq_ids"], real, loss_cfg.cl_temperature)
+        loss = loss + loss_cfg.cl_weight * aux["contrastive_loss"]
       return loss, aux
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

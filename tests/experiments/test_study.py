@@ -140,6 +140,23 @@ def test_report_from_results_files(tmp_path):
   assert (out / "report.png").stat().st_size > 0 and (out / "tune.md").exists()
 
 
+def test_missed_bar_lists_what_was_tried():
+  """Below 90% of the published figure the report names the missed bar, the sweep's points with the one valid
+  chose and the best test HR@10 of any point (as a share of the published), and the recipes run; at the bar,
+  nothing."""
+  sweep = {
+    "base": {"HR@10": 0.0909, "NDCG@10": 0.0553, "valid NDCG@10": 0.0699},
+    "layers3": {"HR@10": 0.0931, "NDCG@10": 0.0566, "valid NDCG@10": 0.0697},
+  }
+  lines = study._tried_lines("Beauty", 0.88, 0.92, ["ce", "ce_cl"], sweep)
+  text = "\n".join(lines)
+  assert "The HR@10 bar is not reached" in text and "NDCG@10 bar" not in text
+  assert "Valid chose base" in text and "layers3's, is 89% of the published" in text  # 0.0931 / 0.1041
+  assert "`ce`, `ce_cl`" in text
+  assert "HR@10 and NDCG@10 bars are not reached" in "\n".join(study._tried_lines("Yelp", 0.8, 0.85, ["ce"], {}))
+  assert study._tried_lines("Toys_and_Games", 0.9, 0.95, ["ce"], sweep) == []
+
+
 @pytest.mark.parametrize(
   ("args", "message"),
   [

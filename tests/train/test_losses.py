@@ -316,3 +316,46 @@ def test_sorted_negatives_are_linear_in_memory():
   pairwise_bytes = rows * (2 * length) ** 2
   assert compiled.memory_analysis().temp_size_in_bytes < pairwise_bytes // 64
   _assert_outside_user_sets(np.asarray(compiled(jax.random.key(1), *batch)), *batch, num_items)
+
+
+def _view_contrastive_by_hand(h1, h2, seq_ids, real, temperature):
+  """NT-Xent one anchor at a time, candidates listed explicitly (NumPy, float64)."""
+  rows, length, _ = h1.shape
+  z = np.concatenate([h1.reshape(rows * length, -1), h2.reshape(rows * length, -1)]).astype(np.float64)
+  owner = [(r, int(seq_ids[r, t])) for r in range(rows) for t in range(length)] * 2
+  ok = np.concatenate([real.reshape(-1), real.reshape(-1)])
+  n = rows * length
+  per = []
+  for i in np.nonzero(ok)[0]:
+    partner = (i + n) % (2 * n)
+    cands = [partner] + [j for j in range(2 * n) if ok[j] and owner[j] != owner[i]]
+    s = np.array([z[i] @ z[j] for j in cands]) / temperature
+    per.append(np.log(np.exp(s - s.max()).sum()) + s.max() - s[0])
+  return np.mean(per)
+
+
+def test_view_contrastive_two_users_by_hand():
+  """Two users of one position each, identical views a and b: anchor a's candidates are its twin (a.a) and both
+  views of b (a.b twice), so its loss is log(e^{a.a} + 2 e^{a.b}) - a.a; likewise for b."""
+  a, b = np.array([1.0, 0.5]), np.array([-0.5, 2.0])
+  h = np.stack([a, b])[None]  # [1, 2, 2]: one row, users 1 and 2
+  seq_ids, real = np.array([[1, 2]]), np.array([[True, True]])
+  got = float(losses.view_contrastive(jnp.asarray(h), jnp.asarray(h), jnp.asarray(seq_ids), jnp.asarray(real), 0.5))
+  la = np.log(np.exp(a @ a / 0.5) + 2 * np.exp(a @ b / 0.5)) - a @ a / 0.5
+  lb = np.log(np.exp(b @ b / 0.5) + 2 * np.exp(a @ b / 0.5)) - b @ b / 0.5
+  np.testing.assert_allclose(got, (la + lb) / 2, rtol=1e-6)
+
+
+def test_view_contrastive_matches_numpy_with_shared_users_and_padding():
+  """A user's own other positions are never negatives, padding takes no part, and users are (row, seq_id):
+  seq_id 1 of row 0 and seq_id 1 of row 1 are different users."""
+  rng = np.random.default_rng(0)
+  h1, h2 = (rng.normal(size=(2, 5, 4)).astype(np.float32) for _ in range(2))
+  seq_ids = np.array([[1, 1, 2, 2, 0], [1, 1, 1, 2, 0]])
+  real = (seq_ids > 0) & np.array([[1, 1, 1, 0, 1], [1, 1, 1, 1, 1]], bool)
+  got = float(losses.view_contrastive(*(jnp.asarray(x) for x in (h1, h2, seq_ids, real)), 2.0))
+  np.testing.assert_allclose(got, _view_contrastive_by_hand(h1, h2, seq_ids, real, 2.0), rtol=1e-5)
+  # One user alone (one row, seq_id 1 throughout) has no negative: every anchor's only candidate is its twin.
+  one = np.ones((1, 5), np.int32)
+  alone = losses.view_contrastive(jnp.asarray(h1[:1]), jnp.asarray(h2[:1]), jnp.asarray(one), jnp.asarray(one > 0), 2.0)
+  assert float(alone) == 0.0

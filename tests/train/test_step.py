@@ -8,7 +8,7 @@ from flax import nnx
 from recgpt_jax.config import base_config
 from recgpt_jax.data import pipeline, tfds_builder
 from recgpt_jax.model.transformer import ModelConfig, RecGPT
-from recgpt_jax.train import optim
+from recgpt_jax.train import losses, optim
 from recgpt_jax.train import step as step_lib
 
 NUM_ITEMS = 80
@@ -219,3 +219,29 @@ def test_blocked_ce_step_equals_materialised_step(head, mesh_shape):
   np.testing.assert_allclose(float(metrics_b["loss"]), float(metrics_a["loss"]), rtol=1e-6)
   for a, b in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_b.params), strict=True):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+
+
+def test_contrastive_term_adds_the_two_view_loss():
+  """``cl_weight``: the step's loss is CE plus the weight times the contrastive loss of two dropout views, the
+  second drawn with the dropout key folded with CL_KEY_SALT (recomputed here outside the step); the term
+  changes the update; weight 0 is the plain step."""
+  graphdef, tx, state, batch = _setup("last", 1, dropout=0.3)
+  batch = {k: batch[k] for k in (*step_lib.MODEL_INPUTS, "targets")}
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  drop_key, _ = jax.random.split(key)
+  model = nnx.merge(graphdef, state.params)
+  inputs = [batch[k] for k in step_lib.MODEL_INPUTS]
+  h1 = model(*inputs, dropout_key=drop_key)
+  h2 = model(*inputs, dropout_key=jax.random.fold_in(drop_key, step_lib.CL_KEY_SALT))
+  real = np.asarray(batch["targets"]) > 0
+  ce = float(losses.full_softmax_ce(model.logits(h1), batch["targets"]))
+  cl = float(losses.view_contrastive(h1, h2, batch["seq_ids"], real, 0.5))
+  assert cl > 0
+  steps = {w: jax.jit(step_lib.make_train_step(graphdef, tx, step_lib.LossConfig(cl_weight=w, cl_temperature=0.5))) for w in (0.0, 0.2)}
+  (plain, m0), (with_cl, m1) = steps[0.0](state, batch), steps[0.2](state, batch)
+  np.testing.assert_allclose(float(m0["loss"]), ce, rtol=1e-5)
+  np.testing.assert_allclose(float(m1["contrastive_loss"]), cl, rtol=1e-5)
+  np.testing.assert_allclose(float(m1["loss"]), ce + 0.2 * cl, rtol=1e-5)
+  assert "contrastive_loss" not in m0
+  diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(with_cl.params)))
+  assert diff > 1e-6
