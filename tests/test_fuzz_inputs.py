@@ -247,6 +247,8 @@ FLAG_CASES = [
   (["--config.eval.approx_recall=1.5"], ["eval.approx_recall must be in [0, 1)"]),
   (["--config.train.head=untied"], ["train.head='untied' needs model.untied_head=True"]),
   (["--config.train.user_l2=-1"], ["train.user_l2 must be >= 0"]),
+  (["--config.train.cl_weight=-0.1"], ["train.cl_weight must be >= 0"]),
+  (["--config.train.cl_temperature=0"], ["train.cl_temperature must be > 0"]),
   (["--config.optimizer.learning_rate=0"], ["optimizer.learning_rate must be > 0"]),
   (["--config.optimizer.schedule=exponential"], ["optimizer.schedule must be one of", "'exponential'"]),
   (["--config.optimizer.warmup_steps=-1"], ["optimizer.warmup_steps must be >= 0, got -1"]),
