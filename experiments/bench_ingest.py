@@ -46,14 +46,6 @@ def _read_one(path: str) -> dict:
   }
 
 
-def _parse_size(text: str) -> tuple[int, int]:
-  try:
-    rows, items = (int(float(x)) for x in text.lower().split("x"))
-  except ValueError:
-    raise errors.UserError(f"--sizes entry {text!r} is not <interactions>x<items> (e.g. 1e7x1e6)") from None
-  return rows, items
-
-
 def _markdown(r: dict) -> str:
   lines = [
     "# Interaction-log ingestion (`io.read_interactions`) on synthetic logs",
@@ -87,16 +79,16 @@ def main(argv: list[str]) -> None:
   if _ONE.value:
     print(json.dumps(_read_one(_ONE.value)))
     return
+  from recgpt_jax.data import synthetic
+
   try:
-    sizes = [_parse_size(s) for s in _SIZES.value]
+    sizes = [synthetic.parse_size(s) for s in _SIZES.value]
     bad = [f for f in _FORMATS.value if f not in ("parquet", "csv")]
     if bad:
       raise errors.UserError(f"--formats must be parquet and/or csv, got {bad}")
   except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  from recgpt_jax.data import synthetic
-
   data_dir = pathlib.Path(_DATA_DIR.value)
   results = []
   for rows, items in sizes:

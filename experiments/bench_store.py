@@ -36,6 +36,7 @@ import time
 from absl import app, flags
 
 from recgpt_jax import errors, provenance
+from recgpt_jax.data import synthetic
 
 _SIZES = flags.DEFINE_list("sizes", ["1e6x1e5", "1e7x1e6"], "Stores to measure: <interactions>x<items>.")
 _PROCESSES = flags.DEFINE_list("processes", ["1", "2", "4"], "Process counts of the pipeline measurement.")
@@ -54,14 +55,6 @@ _PROCESS_INDEX = flags.DEFINE_integer("process_index", 0, "Internal.")
 _PROCESS_COUNT = flags.DEFINE_integer("process_count", 1, "Internal.")
 
 GIB = 2**30
-
-
-def _parse_size(text: str) -> tuple[int, int]:
-  try:
-    rows, items = (int(float(x)) for x in text.lower().split("x"))
-  except ValueError:
-    raise errors.UserError(f"size {text!r} is not <interactions>x<items> (e.g. 1e7x1e6)") from None
-  return rows, items
 
 
 def _timed(cmd: list[str], log: pathlib.Path, env: dict | None = None) -> subprocess.Popen:
@@ -334,9 +327,9 @@ def main(argv: list[str]) -> None:
     _one_pipeline()
     return
   try:
-    sizes = {s: _parse_size(s) for s in _SIZES.value}
+    sizes = {s: synthetic.parse_size(s) for s in _SIZES.value}
     if _TRAIN_SIZE.value:
-      sizes.setdefault(_TRAIN_SIZE.value, _parse_size(_TRAIN_SIZE.value))
+      sizes.setdefault(_TRAIN_SIZE.value, synthetic.parse_size(_TRAIN_SIZE.value))
     counts = [int(c) for c in _PROCESSES.value]
   except (errors.UserError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)

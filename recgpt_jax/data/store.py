@@ -85,6 +85,8 @@ def _builder_class():
   tfds = _tfds()
   from etils import epath
 
+  from recgpt_jax.data import tfds_builder
+
   class RecLogConfig(tfds.core.BuilderConfig):
     def __init__(self, *, input_dir: str, num_users: int, beam: bool, **kwargs: Any):
       super().__init__(name="default", description="Per-user item sequences of an interaction log.", **kwargs)
@@ -101,12 +103,7 @@ def _builder_class():
       return tfds.core.DatasetInfo(
         builder=self,
         description="Per-user item sequences (time order) of an interaction log.",
-        features=tfds.features.FeaturesDict(
-          {
-            "user": tfds.features.Scalar(dtype=np.int64),
-            "items": tfds.features.Tensor(shape=(None,), dtype=np.int64),
-          }
-        ),
+        features=tfds_builder.sequence_features(),
         disable_shuffling=True,  # records in key (= user) order: record i is user i + 1
       )
 

@@ -43,6 +43,15 @@ _YEAR_S = 365 * 24 * 3600
 _START_S = 1_600_000_000  # 2020-09-13
 
 
+def parse_size(text: str) -> tuple[int, int]:
+  """``'<interactions>x<items>'`` (e.g. ``'1e7x1e6'``) as two ints; UserError naming ``text`` otherwise."""
+  try:
+    rows, items = (int(float(x)) for x in text.lower().split("x"))
+  except ValueError:
+    raise UserError(f"size {text!r} is not <interactions>x<items> (e.g. 1e7x1e6)") from None
+  return rows, items
+
+
 @dataclasses.dataclass(frozen=True)
 class LogShape:
   """The shape of a synthetic log (see the module docstring for each knob)."""

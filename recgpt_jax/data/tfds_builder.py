@@ -61,6 +61,16 @@ def canonical_name(dataset_name: str) -> str:
   return next(name for name, file in io.BUNDLED.items() if file == file_name)
 
 
+def sequence_features() -> tfds.features.FeaturesDict:
+  """One record per user: its id and its items in time order (the bundled datasets and the stores alike)."""
+  return tfds.features.FeaturesDict(
+    {
+      "user": tfds.features.Scalar(dtype=np.int64),
+      "items": tfds.features.Tensor(shape=(None,), dtype=np.int64),
+    }
+  )
+
+
 class RecSequencesConfig(tfds.core.BuilderConfig):
   """One config per bundled dataset; ``dataset`` is the canonical bundled name."""
 
@@ -83,12 +93,7 @@ class RecSequences(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
       builder=self,
       description="Per-user item sequences (time order) for sequential recommendation.",
-      features=tfds.features.FeaturesDict(
-        {
-          "user": tfds.features.Scalar(dtype=np.int64),
-          "items": tfds.features.Tensor(shape=(None,), dtype=np.int64),
-        }
-      ),
+      features=sequence_features(),
       supervised_keys=None,
     )
 

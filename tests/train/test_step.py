@@ -237,11 +237,15 @@ def test_contrastive_term_adds_the_two_view_loss():
   ce = float(losses.full_softmax_ce(model.logits(h1), batch["targets"]))
   cl = float(losses.view_contrastive(h1, h2, batch["seq_ids"], real, 0.5))
   assert cl > 0
-  steps = {w: jax.jit(step_lib.make_train_step(graphdef, tx, step_lib.LossConfig(cl_weight=w, cl_temperature=0.5))) for w in (0.0, 0.2)}
+  steps = {
+    w: jax.jit(step_lib.make_train_step(graphdef, tx, step_lib.LossConfig(cl_weight=w, cl_temperature=0.5)))
+    for w in (0.0, 0.2)
+  }
   (plain, m0), (with_cl, m1) = steps[0.0](state, batch), steps[0.2](state, batch)
   np.testing.assert_allclose(float(m0["loss"]), ce, rtol=1e-5)
   np.testing.assert_allclose(float(m1["contrastive_loss"]), cl, rtol=1e-5)
   np.testing.assert_allclose(float(m1["loss"]), ce + 0.2 * cl, rtol=1e-5)
   assert "contrastive_loss" not in m0
-  diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(with_cl.params)))
+  leaves = zip(jax.tree.leaves(plain.params), jax.tree.leaves(with_cl.params), strict=True)
+  diff = max(float(np.abs(a - b).max()) for a, b in leaves)
   assert diff > 1e-6
