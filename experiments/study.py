@@ -3,6 +3,7 @@
   python -m experiments.study tune   [--datasets=...]                      # baseline sweep on valid (seed 0)
   python -m experiments.study grid   [--datasets=...] [--recipes=...] [--seeds=0,1,2]
   python -m experiments.study recall [--datasets=...] [--recipes=...] [--seeds=...]  # recall settings, ranks
+  python -m experiments.study repeats [--datasets=...] [--seeds=...]     # history excluded vs kept (ce models)
   python -m experiments.study report                                       # tune.md, report.md/.json/.png
 
 Every run is one ``python -m recgpt_jax.main`` process with its own workdir under ``--runs`` and its results
@@ -388,6 +389,86 @@ def run_recall(runs: list[RunSpec], results_root: pathlib.Path) -> None:
     )
 
 
+REPEAT_RECIPES = ("ce",)  # models scored with the history left in the ranking (``repeats``)
+
+
+def repeats_analysis(spec: RunSpec) -> dict:
+  """One finished run's best model on test with the user's history excluded (the protocol) and kept in the ranking
+  (``eval.exclude_history=False``), and how many test answers repeat an item of their user's history: under the
+  protocol those are misses whatever the model does."""
+  from recgpt_jax.data import packing
+  from recgpt_jax.eval import metrics as metrics_lib
+  from recgpt_jax.train import loop
+
+  c = spec.config()
+  c.init_from = ""
+  run = loop.Run(c, spec.workdir(), writer=False)
+  params, _ = run.ckpt.restore_best(run.state.params)
+  test = run.eval_sets["test"]
+  repeat = np.array([a in set(h.tolist()) for a, h in zip(test.answers, test.histories, strict=True)])
+  kept = dataclasses.replace(test, histories=[np.zeros(0, np.int32)] * len(test.users))
+  kept_batches = packing.pack_eval_batches(
+    kept, row_len=c.train.row_len, rows_per_batch=c.eval.rows_per_batch, users_per_batch=c.eval.users_per_batch
+  )
+  step = metrics_lib.make_eval_step(run.graphdef, metrics_lib.KS, run.head, per_user=True)
+  record = {"name": spec.name, "test_answers_in_history": float(repeat.mean()), "users": int(len(repeat))}
+  for name, batches in (("excluded", run.eval_batches["test"]), ("kept", kept_batches)):
+    values = metrics_lib.evaluate_per_user(step, params, batches)
+    record[name] = {m: float(np.mean(values[m], dtype=np.float64)) for m in ("HR@10", "NDCG@10", "HR@20")}
+    record[name]["HR@10 of repeated answers"] = float(values["HR@10"][repeat].mean()) if repeat.any() else 0.0
+  return record
+
+
+def run_repeats(runs: list[RunSpec], results_root: pathlib.Path) -> None:
+  """``repeats_analysis`` of every finished run of ``REPEAT_RECIPES`` that has none yet."""
+  out = results_root / "repeats"
+  out.mkdir(parents=True, exist_ok=True)
+  todo = [r for r in runs if r.name.split("__")[1] in REPEAT_RECIPES and r.finished()]
+  todo = [r for r in todo if not (out / f"{r.name}.json").exists()]
+  print(f"repeat analysis of {len(todo)} runs", flush=True)
+  for r in todo:
+    t0 = time.time()
+    record = repeats_analysis(r)
+    record |= {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "wall_time_s": round(time.time() - t0, 1)}
+    (out / f"{r.name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(
+      f"{r.name}: {record['test_answers_in_history']:.1%} of test answers repeat; HR@10 excluded"
+      f" {record['excluded']['HR@10']:.4f}, kept {record['kept']['HR@10']:.4f}",
+      flush=True,
+    )
+
+
+def repeats_report(records: dict[str, dict]) -> list[str]:
+  if not records:
+    return []
+  lines = [
+    "## Repeated items: the history left in the ranking",
+    "",
+    "The protocol excludes each user's history from the ranking, so a test answer that repeats an item of the",
+    "history is a miss whatever the model does. The `ce` models scored both ways (test, mean over seeds; command:",
+    "`python -m experiments.study repeats`). Kept, the figures are not comparable with the published ones.",
+    "",
+    "| dataset | seeds | answers in history | HR@10 excluded | HR@10 kept | NDCG@10 excluded | NDCG@10 kept"
+    " | HR@10 of the repeated answers, kept |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  for ds in study_config.DATASETS:
+    recs = [r for n, r in records.items() if n.startswith(f"{ds}__")]
+    if not recs:
+      continue
+
+    def mean(f, recs=recs):
+      return float(np.mean([f(r) for r in recs]))
+
+    lines.append(
+      f"| {ds} | {len(recs)} | {mean(lambda r: r['test_answers_in_history']):.1%}"
+      f" | {mean(lambda r: r['excluded']['HR@10']):.4f} | {mean(lambda r: r['kept']['HR@10']):.4f}"
+      f" | {mean(lambda r: r['excluded']['NDCG@10']):.4f} | {mean(lambda r: r['kept']['NDCG@10']):.4f}"
+      f" | {mean(lambda r: r['kept']['HR@10 of repeated answers']):.4f} |"
+    )
+  return lines + [""]
+
+
 # ----------------------------------------------------------------------------------------------------- report
 
 
@@ -639,6 +720,7 @@ def grid_report(summary: dict) -> str:
           )
     lines.append("")
   lines += recall_report(summary.get("recall", {}))
+  lines += repeats_report(summary.get("repeats", {}))
   return "\n".join(lines) + "\n"
 
 
@@ -699,6 +781,7 @@ def report(out: pathlib.Path, replicates: int) -> None:
   (out / "tune.md").write_text(tune_report(out))
   summary = grid_summary(out, replicates)
   summary["recall"] = recall_summary(out, replicates)
+  summary["repeats"] = _load(out, "repeats")
   (out / "report.json").write_text(json.dumps(summary, indent=1) + "\n")
   (out / "report.md").write_text(grid_report(summary))
   if summary["cells"]:
@@ -717,7 +800,7 @@ def _seeds() -> list[int]:
 
 
 def main(argv):
-  commands = ("tune", "grid", "recall", "report")
+  commands = ("tune", "grid", "recall", "repeats", "report")
   if len(argv) != 2 or argv[1] not in commands:
     raise UserError(f"usage: python -m experiments.study {{{'|'.join(commands)}}} [flags]; got {' '.join(argv[1:])!r}")
   unknown = [d for d in _DATASETS.value if d not in study_config.DATASETS]
@@ -737,6 +820,8 @@ def main(argv):
     execute(grid_runs(_DATASETS.value, _RECIPES.value, seeds, runs_root, results_root), _DRY_RUN.value)
   elif argv[1] == "recall":
     run_recall(grid_runs(_DATASETS.value, _RECIPES.value, seeds, runs_root, results_root), results_root)
+  elif argv[1] == "repeats":
+    run_repeats(grid_runs(_DATASETS.value, list(REPEAT_RECIPES), seeds, runs_root, results_root), results_root)
   else:
     report(results_root, _BOOTSTRAP.value)
 

@@ -148,6 +148,9 @@ def build_data(config: ml_collections.ConfigDict, stage: stages.Stage) -> RunDat
   eval_sets, eval_batches = {}, {}
   for name in split.STAGES:
     eval_sets[name] = split.make_eval_set(source.users[chosen], sequences, name, c.max_len)
+    if not c.eval.get("exclude_history", True):  # nothing to exclude: every item is ranked
+      empty = [np.zeros(0, np.int32)] * len(eval_sets[name].users)
+      eval_sets[name] = dataclasses.replace(eval_sets[name], histories=empty)
     eval_batches[name] = packing.pack_eval_batches(
       eval_sets[name],
       row_len=c.train.row_len,

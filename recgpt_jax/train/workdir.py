@@ -72,6 +72,7 @@ ADDED_FIELD_DEFAULTS = {
   "eval.max_users": 0,
   "train.cl_weight": 0.0,
   "train.cl_temperature": 1.0,
+  "eval.exclude_history": True,
 }
 # Fields only one loss reads: a run with another loss (before and after) may have any value of them.
 LOSS_FIELDS = {"sampled_softmax": ("train.num_negatives", "train.negatives", "train.logq")}

@@ -242,8 +242,17 @@ def test_recall_analysis_of_a_trained_run(tmp_path):
   assert ranks["1-10"] + ranks["11-20"] == pytest.approx(own["test"]["HR@20"], abs=1e-6)
   per_user = np.load(tmp_path / "o" / "recall" / f"{spec.name}{study.PER_USER_SUFFIX}")
   assert per_user["10+10/HR@20"].shape == per_user["users"].shape
+  # The history left in the ranking: the cyclic walks never repeat an item, so the exclusion only removes
+  # competitors of the answer and the kept ranking cannot score higher.
+  study.run_repeats([spec], tmp_path / "o")
+  rep = json.loads((tmp_path / "o" / "repeats" / f"{spec.name}.json").read_text())
+  assert rep["test_answers_in_history"] == 0 and rep["users"] == own["test_users"]
+  for m in ("HR@10", "NDCG@10", "HR@20"):
+    assert rep["excluded"][m] == pytest.approx(own["test"][m], abs=1e-6), m
+    assert rep["kept"][m] <= rep["excluded"][m] + 1e-9, m
   study.report(tmp_path / "o", replicates=50)
-  assert "## Multi-interest recall settings" in (tmp_path / "o" / "report.md").read_text()
+  text = (tmp_path / "o" / "report.md").read_text()
+  assert "## Multi-interest recall settings" in text and "## Repeated items" in text
 
 
 def test_runners_share_a_study(tmp_path, capsys, monkeypatch):

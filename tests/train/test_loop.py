@@ -225,3 +225,29 @@ def test_two_step_recall_evaluation(dataset, tmp_path):
     assert m_two[k] == pytest.approx(m_plain[k], abs=1e-7), k
   assert m_two["HR@20"] >= m_two["HR@10"]
   assert set(m_small) == {"HR@5", "NDCG@5", "users"}
+
+
+def test_history_exclusion_can_be_turned_off(tmp_path):
+  """``eval.exclude_history``: with the standard exclusion a test answer that repeats an item of its user's history
+  is never ranked (HR@20 exactly 0); without it the same model can rank it, and for answers outside the history the
+  exclusion only removes competitors, so their rank never gets worse with it (HR per user >=)."""
+  rng = np.random.default_rng(0)
+  lines = []
+  for user in range(1, 41):
+    items = rng.choice(np.arange(1, 31), size=8, replace=False)
+    if user % 2:  # odd users: the test answer repeats their first item
+      items = np.r_[items, items[0]]
+    lines.append(" ".join(map(str, [user, *items])))
+  data = tmp_path / "repeats.txt"
+  data.write_text("\n".join(lines) + "\n")
+  per_user = {}
+  for exclude in (True, False):
+    run = loop.Run(tiny_config(data, **{"eval.exclude_history": exclude}), tmp_path / f"run_{exclude}")
+    per_user[exclude] = run.evaluate_per_user(run.state.params, "test")
+  repeat = per_user[True]["users"] % 2 == 1
+  assert repeat.sum() == 20
+  assert (per_user[True]["HR@20"][repeat] == 0).all()
+  assert per_user[False]["HR@20"][repeat].sum() > 0  # 20 of 30 items listed: an untrained model finds some
+  for k in ("HR@5", "HR@10", "HR@20"):
+    assert (per_user[True][k][~repeat] >= per_user[False][k][~repeat]).all(), k
+  assert (per_user[True]["HR@20"][~repeat] > per_user[False]["HR@20"][~repeat]).any()
