@@ -663,6 +663,60 @@ def recall_report(recall: dict) -> list[str]:
   return lines + [""]
 
 
+_VERDICT_SHORT = {"gain": "gain", "loss": "loss", "no significant difference": "n.s."}
+
+
+def overview_lines(summary: dict) -> list[str]:
+  """Two compact tables across datasets: each recipe's mean test HR@10 / NDCG@10, and its verdicts against its
+  controls (NDCG@10 and HR@20 mean differences; "pending" below 3 seeds)."""
+  cells, pairs = summary["cells"], summary["pairs"]
+  recipes = [r for r in RECIPES if any(f"{ds}/{r}" in cells for ds in study_config.DATASETS)]
+  if not recipes:
+    return []
+  head = "| recipe | " + " | ".join(study_config.DATASETS) + " |"
+  rule = "|---|" + "---|" * len(study_config.DATASETS)
+  lines = [
+    "## Overview",
+    "",
+    "Test HR@10 / NDCG@10, mean over seeds (seeds in brackets when fewer than 3; bold: the dataset's best NDCG@10):",
+    "",
+    head,
+    rule,
+  ]
+  best = {}
+  for ds in study_config.DATASETS:
+    done = [r for r in recipes if f"{ds}/{r}" in cells]
+    best[ds] = max(done, key=lambda r, ds=ds: cells[f"{ds}/{r}"]["NDCG@10"]["mean"]) if done else None
+  for r in recipes:
+    vals = []
+    for ds in study_config.DATASETS:
+      c = cells.get(f"{ds}/{r}")
+      short = "" if c is None or len(c["seeds"]) >= MIN_SEEDS_FOR_VERDICT else f" ({len(c['seeds'])})"
+      text = "" if c is None else f"{c['HR@10']['mean']:.4f} / {c['NDCG@10']['mean']:.4f}"
+      vals.append(f"**{text}**{short}" if r == best[ds] else f"{text}{short}")
+    lines.append(f"| `{r}` | " + " | ".join(vals) + " |")
+  lines += [
+    "",
+    "Paired differences, NDCG@10 ; HR@20, with the verdict of the 95% interval (n.s.: the interval holds zero):",
+    "",
+    "| recipe | vs | " + " | ".join(study_config.DATASETS) + " |",
+    "|---|---|" + "---|" * len(study_config.DATASETS),
+  ]
+  for r in recipes:
+    for base in RECIPES[r].controls:
+      vals = []
+      for ds in study_config.DATASETS:
+        got = [pairs.get(f"{ds}/{r}/vs_{base}/{m}") for m in PAIR_METRICS]
+        vals.append(
+          " ; ".join(
+            f"{p['mean_diff']:+.4f} {_VERDICT_SHORT.get(p['verdict'], 'pending')}" for p in got if p is not None
+          )
+        )
+      if any(vals):
+        lines.append(f"| `{r}` | `{base}` | " + " | ".join(vals) + " |")
+  return lines + [""]
+
+
 def grid_report(summary: dict) -> str:
   cells, pairs = summary["cells"], summary["pairs"]
   lines = [
@@ -675,6 +729,7 @@ def grid_report(summary: dict) -> str:
     f'A verdict needs {MIN_SEEDS_FOR_VERDICT} seeds; "gain" only where the whole interval is above zero.',
     "",
   ]
+  lines += overview_lines(summary)
   for ds in study_config.DATASETS:
     rows = [(r, cells[f"{ds}/{r}"]) for r in RECIPES if f"{ds}/{r}" in cells]
     if not rows:

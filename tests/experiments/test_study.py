@@ -131,6 +131,10 @@ def test_report_from_results_files(tmp_path):
   assert not any(k.startswith("Beauty/ce/") for k in summary["pairs"])  # the baseline has no control
   text = (out / "report.md").read_text()
   assert "| `recgpt` | `ce` | HR@20 | 3 |" in text and "gain" in text
+  # The overview: recgpt has the best NDCG@10 (bold), and its HR@20 gain over ce is in the verdict table.
+  overview = text[text.index("## Overview") : text.index("## Beauty")]
+  assert "| `recgpt` | **" in overview and "| `recgpt` | `ce` | " in overview
+  assert next(ln for ln in overview.splitlines() if ln.startswith("| `recgpt` | `ce` |")).endswith("gain |  |  |  |")
   # With fewer seeds there is no verdict, whatever the users say.
   for name in [n for n in specs if n.endswith("__s2")]:
     specs[name].result().unlink()
