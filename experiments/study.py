@@ -366,12 +366,16 @@ def _quota_key(quotas) -> str:
   return "+".join(str(m) for m in quotas)
 
 
+def _analysis_todo(runs: list[RunSpec], recipes, out: pathlib.Path) -> tuple[pathlib.Path, list[RunSpec]]:
+  """``out`` (created) and the finished runs of ``recipes`` without an analysis record there yet."""
+  out.mkdir(parents=True, exist_ok=True)
+  todo = [r for r in runs if r.name.split("__")[1] in recipes and r.finished()]
+  return out, [r for r in todo if not (out / f"{r.name}.json").exists()]
+
+
 def run_recall(runs: list[RunSpec], results_root: pathlib.Path) -> None:
   """``recall_analysis`` of every finished run of ``RECALL_RECIPES`` that has none yet."""
-  out = results_root / "recall"
-  out.mkdir(parents=True, exist_ok=True)
-  todo = [r for r in runs if r.name.split("__")[1] in RECALL_RECIPES and r.finished()]
-  todo = [r for r in todo if not (out / f"{r.name}.json").exists()]
+  out, todo = _analysis_todo(runs, RECALL_RECIPES, results_root / "recall")
   print(f"recall analysis of {len(todo)} runs", flush=True)
   for r in todo:
     t0 = time.time()
@@ -421,10 +425,7 @@ def repeats_analysis(spec: RunSpec) -> dict:
 
 def run_repeats(runs: list[RunSpec], results_root: pathlib.Path) -> None:
   """``repeats_analysis`` of every finished run of ``REPEAT_RECIPES`` that has none yet."""
-  out = results_root / "repeats"
-  out.mkdir(parents=True, exist_ok=True)
-  todo = [r for r in runs if r.name.split("__")[1] in REPEAT_RECIPES and r.finished()]
-  todo = [r for r in todo if not (out / f"{r.name}.json").exists()]
+  out, todo = _analysis_todo(runs, REPEAT_RECIPES, results_root / "repeats")
   print(f"repeat analysis of {len(todo)} runs", flush=True)
   for r in todo:
     t0 = time.time()
