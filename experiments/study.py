@@ -366,11 +366,25 @@ def _quota_key(quotas) -> str:
   return "+".join(str(m) for m in quotas)
 
 
+def _has_model(spec: RunSpec) -> bool:
+  """True when the run's workdir still holds a saved best model (a step folder under ``best/``)."""
+  best = spec.workdir() / "best"
+  return best.is_dir() and any(p.name.isdigit() for p in best.iterdir())
+
+
 def _analysis_todo(runs: list[RunSpec], recipes, out: pathlib.Path) -> tuple[pathlib.Path, list[RunSpec]]:
-  """``out`` (created) and the finished runs of ``recipes`` without an analysis record there yet."""
+  """``out`` (created) and the finished runs of ``recipes`` without an analysis record there yet.
+
+  A finished run whose workdir no longer holds its model (the results JSON outlives the workdir, e.g. on another
+  machine) is reported and skipped: an analysis needs the model itself.
+  """
   out.mkdir(parents=True, exist_ok=True)
   todo = [r for r in runs if r.name.split("__")[1] in recipes and r.finished()]
-  return out, [r for r in todo if not (out / f"{r.name}.json").exists()]
+  todo = [r for r in todo if not (out / f"{r.name}.json").exists()]
+  for r in todo:
+    if not _has_model(r):
+      print(f"{r.name}: skipped, no saved model in {r.workdir() / 'best'} (retrain it to analyse it)", flush=True)
+  return out, [r for r in todo if _has_model(r)]
 
 
 def run_recall(runs: list[RunSpec], results_root: pathlib.Path) -> None:

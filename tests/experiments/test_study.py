@@ -202,7 +202,7 @@ def test_study_config_per_dataset_and_recipe():
     study_config.get_config("Beauty,paper")
 
 
-def test_recall_analysis_of_a_trained_run(tmp_path):
+def test_recall_analysis_of_a_trained_run(tmp_path, capsys):
   """On a small trained run: the plain setting reproduces the run's own test metrics, every two-step setting
   keeps the plain list's first m items, and the rank buckets agree with the plain HR@10 / HR@20."""
   from recgpt_jax.train import loop
@@ -257,6 +257,14 @@ def test_recall_analysis_of_a_trained_run(tmp_path):
   study.report(tmp_path / "o", replicates=50)
   text = (tmp_path / "o" / "report.md").read_text()
   assert "## Multi-interest recall settings" in text and "## Repeated items" in text
+  # A finished run whose workdir is gone (results kept, model not): reported and skipped, nothing written.
+  spec.workdir().rename(tmp_path / "moved")
+  (tmp_path / "o" / "recall" / f"{spec.name}.json").unlink()
+  capsys.readouterr()
+  study.run_recall([spec], tmp_path / "o")
+  out = capsys.readouterr().out
+  assert f"{spec.name}: skipped, no saved model in" in out and "recall analysis of 0 runs" in out
+  assert not (tmp_path / "o" / "recall" / f"{spec.name}.json").exists()
 
 
 def test_runners_share_a_study(tmp_path, capsys, monkeypatch):
